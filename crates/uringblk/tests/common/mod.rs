@@ -1,0 +1,87 @@
+//! Shared by the integration tests: start a real `uringblk` process on a private socket and
+//! stop it (SIGTERM, then wait) when the handle is dropped.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `uringblk` server with its own temporary directory (socket, image).
+pub struct ServerProcess {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    /// Starts `uringblk --socket <dir>/blk.sock <args...>` and waits until the socket exists.
+    /// `args` may use the placeholder `{dir}` for the private temporary directory.
+    pub fn start(args: &[&str]) -> ServerProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, args)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> ServerProcess {
+        let socket = dir.path().join("blk.sock");
+        let dir_str = dir.path().to_str().expect("utf-8 tempdir").to_string();
+        let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", &dir_str)).collect();
+        let child = Command::new(env!("CARGO_BIN_EXE_uringblk"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(&args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn uringblk");
+        let mut server = ServerProcess { child, socket, dir };
+        server.wait_for_socket(Duration::from_secs(20));
+        server
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn wait_for_socket(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        while !self.socket.exists() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("uringblk exited before listening: {status}");
+            }
+            assert!(start.elapsed() < timeout, "uringblk did not create its socket in {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return status;
+        }
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait after kill");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
