@@ -56,7 +56,9 @@ pub enum ConfigError {
     CapacityMisaligned(u64),
     #[error("logical block size {0} is not 512 or 4096")]
     LogicalBlockSize(u32),
-    #[error("physical block size {physical} must be a power of two >= the logical block size {logical}")]
+    #[error(
+        "physical block size {physical} must be a power of two >= the logical block size {logical}"
+    )]
     PhysicalBlockSize { physical: u32, logical: u32 },
     #[error("{field} = {value} must be a non-zero multiple of the logical block size {logical}")]
     IoSize {

@@ -114,8 +114,14 @@ pub enum ParseError {
         num_sectors: u64,
         capacity_sectors: u64,
     },
-    #[error("sector {sector} / length {len} bytes not aligned to the logical block size {block_size}")]
-    Misaligned { sector: u64, len: u64, block_size: u32 },
+    #[error(
+        "sector {sector} / length {len} bytes not aligned to the logical block size {block_size}"
+    )]
+    Misaligned {
+        sector: u64,
+        len: u64,
+        block_size: u32,
+    },
     #[error("transfer of {len} bytes exceeds the maximum {max}")]
     TooLarge { len: u32, max: u32 },
     #[error("more than {max} data segments")]
