@@ -1,0 +1,199 @@
+//! Where the data lives: a regular file, a block device, or nothing at all (the null backend,
+//! which completes I/O without touching a disk so that the dataplane alone can be measured).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot create {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("{path} is neither a regular file nor a block device")]
+    NotAFileOrBlockDevice { path: PathBuf },
+    #[error("{path} has size 0; give --create SIZE to make it")]
+    Empty { path: PathBuf },
+    #[error("cannot read the size of {path}: {source}")]
+    Size { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} needs O_DIRECT offsets aligned to {need} bytes but the logical block size is \
+         {have}: use --logical-block-size {need} or --buffered"
+    )]
+    BlockSizeTooSmall { path: PathBuf, need: u32, have: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    File,
+    BlockDevice,
+    Null,
+}
+
+/// How to open an image.
+#[derive(Clone, Debug)]
+pub struct ImageOptions {
+    pub read_only: bool,
+    /// O_DIRECT: bypass the host page cache.
+    pub direct: bool,
+    /// Create a sparse file of this many bytes if the path does not exist.
+    pub create_size: Option<u64>,
+}
+
+/// An opened backend. Shared read-only by every iothread (each has its own ring).
+#[derive(Debug)]
+pub struct Backend {
+    file: Option<File>,
+    kind: BackendKind,
+    capacity: u64,
+    direct: bool,
+    /// O_DIRECT alignment of buffer addresses and lengths in memory (1 when not direct).
+    dio_mem_align: u32,
+    /// O_DIRECT alignment of file offsets and lengths (1 when not direct).
+    dio_offset_align: u32,
+}
+
+impl Backend {
+    /// The null backend: `capacity` bytes that read as whatever the buffer held.
+    pub fn null(capacity: u64) -> Backend {
+        Backend {
+            file: None,
+            kind: BackendKind::Null,
+            capacity,
+            direct: false,
+            dio_mem_align: 1,
+            dio_offset_align: 1,
+        }
+    }
+
+    pub fn open(path: &Path, opts: &ImageOptions) -> Result<Backend, BackendError> {
+        if let Some(size) = opts.create_size {
+            if !path.exists() {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(size).map(|_| f))
+                    .map_err(|source| BackendError::Create {
+                        path: path.into(),
+                        source,
+                    })?;
+                drop(f);
+                log::info!("created sparse image {} of {} bytes", path.display(), size);
+            }
+        }
+        let mut open = OpenOptions::new();
+        open.read(true).write(!opts.read_only);
+        if opts.direct {
+            open.custom_flags(libc::O_DIRECT);
+        }
+        let file = open.open(path).map_err(|source| BackendError::Open {
+            path: path.into(),
+            source,
+        })?;
+        let meta = file.metadata().map_err(|source| BackendError::Open {
+            path: path.into(),
+            source,
+        })?;
+        let kind = if meta.file_type().is_block_device() {
+            BackendKind::BlockDevice
+        } else if meta.file_type().is_file() {
+            BackendKind::File
+        } else {
+            return Err(BackendError::NotAFileOrBlockDevice { path: path.into() });
+        };
+        // lseek(SEEK_END) gives the size of regular files and block devices alike.
+        // SAFETY: lseek on a file descriptor we own; it does not touch memory.
+        let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(BackendError::Size {
+                path: path.into(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        let capacity = end as u64;
+        if capacity == 0 {
+            return Err(BackendError::Empty { path: path.into() });
+        }
+        let (dio_mem_align, dio_offset_align) = if opts.direct {
+            dio_alignment(&file).unwrap_or((512, 512))
+        } else {
+            (1, 1)
+        };
+        Ok(Backend {
+            file: Some(file),
+            kind,
+            capacity,
+            direct: opts.direct,
+            dio_mem_align,
+            dio_offset_align,
+        })
+    }
+
+    /// Fails when O_DIRECT needs a larger offset alignment than the guest's block size gives.
+    pub fn check_block_size(
+        &self,
+        path: &Path,
+        logical_block_size: u32,
+    ) -> Result<(), BackendError> {
+        if self.direct && self.dio_offset_align > logical_block_size {
+            return Err(BackendError::BlockSizeTooSmall {
+                path: path.into(),
+                need: self.dio_offset_align,
+                have: logical_block_size,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn dio_mem_align(&self) -> u32 {
+        self.dio_mem_align
+    }
+
+    pub(crate) fn raw_fd(&self) -> Option<RawFd> {
+        self.file.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// Makes everything written so far durable (used at shutdown).
+    pub fn sync(&self) -> io::Result<()> {
+        match &self.file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// O_DIRECT alignment (memory, offset) from statx(STATX_DIOALIGN), when the kernel tells it.
+fn dio_alignment(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: statx is a plain C struct for which all-zero bytes are a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, empty path with AT_EMPTY_PATH, and a pointer to a statx we own.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some((stx.stx_dio_mem_align.max(1), stx.stx_dio_offset_align))
+}
