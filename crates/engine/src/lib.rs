@@ -564,7 +564,7 @@ impl Engine {
         if let Some(errno) = error {
             self.errors_logged += 1;
             // A failing disk fails every request: log the first ones and then every 1000th.
-            if self.errors_logged <= 10 || self.errors_logged % 1000 == 0 {
+            if self.errors_logged <= 10 || self.errors_logged.is_multiple_of(1000) {
                 log::error!(
                     "{:?} at byte {} failed: {} (error #{})",
                     op.kind,
