@@ -2,11 +2,20 @@
 
 use std::ops::Deref;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemory;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::config::DeviceConfig;
-use crate::wire::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
+use crate::wire::{
+    RawRange, RequestHeader, RAW_RANGE_SIZE, REQUEST_HEADER_SIZE, SECTOR_SHIFT, SECTOR_SIZE,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_BARRIER,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+
+/// Linux's IOV_MAX: no single preadv/pwritev takes more segments.
+pub const IOV_MAX: usize = 1024;
 
 /// What a request asks the device to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +74,14 @@ impl Request {
             status: std::ptr::null_mut(),
             used_len: 0,
         }
+    }
+
+    /// A request sized for `cfg`: seg_max + 2 iovecs (a buffer crossing a memory-region
+    /// boundary takes two) capped at IOV_MAX, and the larger of the two segment limits.
+    pub fn for_config(cfg: &DeviceConfig) -> Self {
+        let max_iovecs = (cfg.seg_max as usize).saturating_add(2).min(IOV_MAX);
+        let max_ranges = cfg.max_discard_seg.max(cfg.max_write_zeroes_seg) as usize;
+        Self::with_capacity(max_iovecs, max_ranges)
     }
 
     /// Resets every field, keeping the Vecs' capacity.
@@ -162,8 +179,12 @@ impl ParseError {
 /// Parses one descriptor chain into `out` (cleared first), validating it against `cfg`.
 /// On Ok, `out` is a validated request. On Err(e) with e.status() == Some(s), `out.status` and
 /// `out.used_len` are valid and the caller completes the chain with status s at once.
+///
+/// `out` never grows: allocate it with [`Request::for_config`] (or with_capacity(seg_max + 2,
+/// max(max_discard_seg, max_write_zeroes_seg))); segments beyond its capacity are reported as
+/// TooManySegments / TooManyRanges.
 pub fn parse<M>(
-    chain: DescriptorChain<M>,
+    mut chain: DescriptorChain<M>,
     cfg: &DeviceConfig,
     out: &mut Request,
 ) -> Result<(), ParseError>
@@ -171,8 +192,474 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
-    // Stub: the real parser lands next.
-    let _ = (chain, cfg);
     out.clear();
-    Err(ParseError::DescriptorChain)
+    let mut state = ParseState::new(cfg, out);
+    let mut last_had_next = false;
+    let mut yielded_any = false;
+    // `chain.memory()` is borrowed anew for each descriptor, so the iterator can advance
+    // in between without cloning `M`.
+    while let Some(desc) = chain.next() {
+        yielded_any = true;
+        last_had_next = desc.has_next();
+        state.descriptor(chain.memory(), desc, out)?;
+    }
+    // virtio-queue's iterator ends silently on a bad indirect table, an out-of-table next
+    // index, a loop (more descriptors than the table holds) or a chain over 4 GiB; in each
+    // case the last descriptor it yielded still announced a successor.
+    if !yielded_any || last_had_next {
+        return Err(ParseError::DescriptorChain);
+    }
+    state.finish(chain.memory(), out)
+}
+
+/// Where the header type puts each byte of the payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decoded {
+    Kind(RequestKind),
+    Unsupported(u32),
+}
+
+/// The walk over one chain: descriptors arrive in order, readable ones first.
+struct ParseState<'c> {
+    cfg: &'c DeviceConfig,
+    header: [u8; REQUEST_HEADER_SIZE],
+    header_filled: usize,
+    decoded: Option<Decoded>,
+    seen_writable: bool,
+    /// The latest non-empty writable descriptor: its last byte is the status, unless a later
+    /// writable descriptor arrives, which makes it all data.
+    pending_writable: Option<(GuestAddress, u32)>,
+    max_iovecs: usize,
+    segments_overflow: bool,
+    /// GET_ID bytes still wanted: only the first 20 writable bytes are kept as iovecs.
+    id_bytes_left: u32,
+    /// Discard / write-zeroes payload.
+    payload_len: u64,
+    range_buf: [u8; RAW_RANGE_SIZE],
+    range_filled: usize,
+    range_count: u64,
+    max_ranges: u32,
+    range_error: Option<ParseError>,
+}
+
+impl<'c> ParseState<'c> {
+    fn new(cfg: &'c DeviceConfig, out: &Request) -> Self {
+        let max_iovecs = (cfg.seg_max as usize)
+            .saturating_add(2)
+            .min(IOV_MAX)
+            .min(out.iovecs.capacity());
+        ParseState {
+            cfg,
+            header: [0; REQUEST_HEADER_SIZE],
+            header_filled: 0,
+            decoded: None,
+            seen_writable: false,
+            pending_writable: None,
+            max_iovecs,
+            segments_overflow: false,
+            id_bytes_left: VIRTIO_BLK_ID_BYTES as u32,
+            payload_len: 0,
+            range_buf: [0; RAW_RANGE_SIZE],
+            range_filled: 0,
+            range_count: 0,
+            max_ranges: 0,
+            range_error: None,
+        }
+    }
+
+    fn descriptor<T>(
+        &mut self,
+        mem: &T,
+        desc: Descriptor,
+        out: &mut Request,
+    ) -> Result<(), ParseError>
+    where
+        T: GuestMemory + ?Sized,
+    {
+        let (addr, len) = (desc.addr(), desc.len());
+        if len == 0 {
+            return Ok(());
+        }
+        let writable = desc.is_write_only();
+        let access = if writable {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        if !mem.check_range(addr, len as usize, access) {
+            return Err(ParseError::AddressNotInGuestMemory {
+                addr: addr.raw_value(),
+                len,
+            });
+        }
+        if writable {
+            self.writable(mem, addr, len, out)
+        } else {
+            self.readable(mem, addr, len, out)
+        }
+    }
+
+    fn readable<T>(
+        &mut self,
+        mem: &T,
+        addr: GuestAddress,
+        len: u32,
+        out: &mut Request,
+    ) -> Result<(), ParseError>
+    where
+        T: GuestMemory + ?Sized,
+    {
+        if self.seen_writable {
+            return Err(ParseError::ReadableAfterWritable);
+        }
+        let mut offset = 0u32;
+        if self.header_filled < REQUEST_HEADER_SIZE {
+            let take = (REQUEST_HEADER_SIZE - self.header_filled).min(len as usize);
+            let dst = &mut self.header[self.header_filled..self.header_filled + take];
+            mem.read_slice(dst, addr)
+                .map_err(|_| not_in_memory(addr, len))?;
+            self.header_filled += take;
+            offset = take as u32;
+            if self.header_filled == REQUEST_HEADER_SIZE {
+                self.decode_header(out);
+            }
+        }
+        if offset == len {
+            return Ok(());
+        }
+        // `offset < len`, and check_range() proved the whole descriptor is in memory.
+        let rest_addr = addr.unchecked_add(u64::from(offset));
+        let rest_len = len - offset;
+        match self.decoded {
+            Some(Decoded::Kind(RequestKind::Write)) => {
+                self.push_data(mem, rest_addr, rest_len, Permissions::Read, out)
+            }
+            Some(Decoded::Kind(RequestKind::Discard | RequestKind::WriteZeroes)) => {
+                self.range_payload(mem, rest_addr, rest_len, out)
+            }
+            // Readable payload means nothing to the other types.
+            _ => Ok(()),
+        }
+    }
+
+    fn writable<T>(
+        &mut self,
+        mem: &T,
+        addr: GuestAddress,
+        len: u32,
+        out: &mut Request,
+    ) -> Result<(), ParseError>
+    where
+        T: GuestMemory + ?Sized,
+    {
+        if self.header_filled < REQUEST_HEADER_SIZE {
+            return Err(ParseError::HeaderTooShort(self.header_filled as u32));
+        }
+        self.seen_writable = true;
+        out.used_len = out.used_len.saturating_add(len);
+        if let Some((prev_addr, prev_len)) = self.pending_writable.replace((addr, len)) {
+            self.writable_data(mem, prev_addr, prev_len, out)?;
+        }
+        Ok(())
+    }
+
+    fn writable_data<T>(
+        &mut self,
+        mem: &T,
+        addr: GuestAddress,
+        len: u32,
+        out: &mut Request,
+    ) -> Result<(), ParseError>
+    where
+        T: GuestMemory + ?Sized,
+    {
+        match self.decoded {
+            Some(Decoded::Kind(RequestKind::Read)) => {
+                self.push_data(mem, addr, len, Permissions::Write, out)
+            }
+            Some(Decoded::Kind(RequestKind::GetId)) => {
+                let take = len.min(self.id_bytes_left);
+                self.id_bytes_left -= take;
+                if take == 0 {
+                    return Ok(());
+                }
+                self.push_data(mem, addr, take, Permissions::Write, out)
+            }
+            // Writable bytes before the status mean nothing to the other types.
+            _ => Ok(()),
+        }
+    }
+
+    fn decode_header(&mut self, out: &mut Request) {
+        let header = RequestHeader::from_le_bytes(&self.header);
+        out.sector = header.sector;
+        let request_type = header.request_type & !VIRTIO_BLK_T_BARRIER;
+        let decoded = match request_type {
+            VIRTIO_BLK_T_IN => Decoded::Kind(RequestKind::Read),
+            VIRTIO_BLK_T_OUT => Decoded::Kind(RequestKind::Write),
+            VIRTIO_BLK_T_FLUSH => Decoded::Kind(RequestKind::Flush),
+            VIRTIO_BLK_T_GET_ID => Decoded::Kind(RequestKind::GetId),
+            VIRTIO_BLK_T_DISCARD if self.cfg.discard => {
+                self.max_ranges = self.cfg.max_discard_seg;
+                Decoded::Kind(RequestKind::Discard)
+            }
+            VIRTIO_BLK_T_WRITE_ZEROES if self.cfg.write_zeroes => {
+                self.max_ranges = self.cfg.max_write_zeroes_seg;
+                Decoded::Kind(RequestKind::WriteZeroes)
+            }
+            other => Decoded::Unsupported(other),
+        };
+        if let Decoded::Kind(kind) = decoded {
+            out.kind = kind;
+        }
+        // Never hold more ranges than `out` can take without reallocating.
+        let capacity = u32::try_from(out.ranges.capacity()).unwrap_or(u32::MAX);
+        self.max_ranges = self.max_ranges.min(capacity);
+        self.decoded = Some(decoded);
+    }
+
+    /// Appends the host view of guest range [addr, addr+len) to `out.iovecs`, one iovec per
+    /// memory region it touches.
+    fn push_data<T>(
+        &mut self,
+        mem: &T,
+        addr: GuestAddress,
+        len: u32,
+        access: Permissions,
+        out: &mut Request,
+    ) -> Result<(), ParseError>
+    where
+        T: GuestMemory + ?Sized,
+    {
+        out.data_len = out.data_len.saturating_add(len);
+        if self.segments_overflow {
+            return Ok(());
+        }
+        let slices = mem
+            .get_slices(addr, len as usize, access)
+            .map_err(|_| not_in_memory(addr, len))?;
+        for slice in slices {
+            let slice = slice.map_err(|_| not_in_memory(addr, len))?;
+            if out.iovecs.len() >= self.max_iovecs {
+                self.segments_overflow = true;
+                return Ok(());
+            }
+            // The pointer stays valid after the guard drops: GuestMemoryMmap regions stay
+            // mapped for the life of the memory object (only Xen mappings are per-guard).
+            let base = slice.ptr_guard_mut().as_ptr();
+            out.iovecs.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: slice.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Feeds discard / write-zeroes payload bytes: whole 16-byte segments are decoded and
+    /// validated as they complete; bytes past the allowed segment count are only counted.
+    fn range_payload<T>(
+        &mut self,
+        mem: &T,
+        addr: GuestAddress,
+        len: u32,
+        out: &mut Request,
+    ) -> Result<(), ParseError>
+    where
+        T: GuestMemory + ?Sized,
+    {
+        let wanted_bytes = u64::from(self.max_ranges) * RAW_RANGE_SIZE as u64;
+        let mut offset = 0u64;
+        let len = u64::from(len);
+        while offset < len && self.payload_len < wanted_bytes {
+            let take = ((RAW_RANGE_SIZE - self.range_filled) as u64).min(len - offset) as usize;
+            let dst = &mut self.range_buf[self.range_filled..self.range_filled + take];
+            mem.read_slice(dst, addr.unchecked_add(offset))
+                .map_err(|_| not_in_memory(addr, len as u32))?;
+            self.range_filled += take;
+            self.payload_len += take as u64;
+            offset += take as u64;
+            if self.range_filled == RAW_RANGE_SIZE {
+                self.range_filled = 0;
+                self.range_count += 1;
+                let raw = RawRange::from_le_bytes(&self.range_buf);
+                self.range(raw, out);
+            }
+        }
+        self.payload_len += len - offset;
+        Ok(())
+    }
+
+    fn range(&mut self, raw: RawRange, out: &mut Request) {
+        if self.range_error.is_some() {
+            return;
+        }
+        let is_write_zeroes = out.kind == RequestKind::WriteZeroes;
+        match validate_range(raw, is_write_zeroes, self.cfg) {
+            // A zero-length segment is valid (as in QEMU) and does nothing: drop it so the
+            // executor never issues a zero-length discard.
+            Ok(range) if range.num_sectors == 0 => {}
+            // max_ranges <= capacity, so this push never reallocates.
+            Ok(range) => out.ranges.push(range),
+            Err(e) => self.range_error = Some(e),
+        }
+    }
+
+    fn finish<T>(mut self, mem: &T, out: &mut Request) -> Result<(), ParseError>
+    where
+        T: GuestMemory + ?Sized,
+    {
+        if self.header_filled < REQUEST_HEADER_SIZE {
+            return Err(ParseError::HeaderTooShort(self.header_filled as u32));
+        }
+        let Some((addr, len)) = self.pending_writable else {
+            return Err(ParseError::NoWritableDescriptor);
+        };
+        // len >= 1: empty descriptors never become pending.
+        let status_addr = addr.unchecked_add(u64::from(len - 1));
+        self.writable_data(mem, addr, len - 1, out)?;
+        out.status = status_pointer(mem, status_addr)?;
+        self.validate(out)
+    }
+
+    /// The request-level rules, checked once the status byte is known.
+    fn validate(&self, out: &Request) -> Result<(), ParseError> {
+        let cfg = self.cfg;
+        let kind = match self.decoded {
+            Some(Decoded::Kind(kind)) => kind,
+            Some(Decoded::Unsupported(t)) => return Err(ParseError::UnsupportedType(t)),
+            None => return Err(ParseError::HeaderTooShort(self.header_filled as u32)),
+        };
+        match kind {
+            RequestKind::Read | RequestKind::Write => {
+                if kind == RequestKind::Write && cfg.read_only {
+                    return Err(ParseError::ReadOnly);
+                }
+                if self.segments_overflow {
+                    return Err(ParseError::TooManySegments {
+                        max: self.max_iovecs,
+                    });
+                }
+                let block_size = cfg.logical_block_size.max(SECTOR_SIZE);
+                if out.data_len % block_size != 0
+                    || out.sector % u64::from(cfg.block_sectors()) != 0
+                {
+                    return Err(ParseError::Misaligned {
+                        sector: out.sector,
+                        len: u64::from(out.data_len),
+                        block_size,
+                    });
+                }
+                let num_sectors = u64::from(out.data_len >> SECTOR_SHIFT);
+                check_in_capacity(out.sector, num_sectors, cfg)?;
+                if out.data_len > cfg.max_transfer_bytes {
+                    return Err(ParseError::TooLarge {
+                        len: out.data_len,
+                        max: cfg.max_transfer_bytes,
+                    });
+                }
+                Ok(())
+            }
+            RequestKind::Flush => Ok(()),
+            RequestKind::GetId => {
+                if self.segments_overflow {
+                    return Err(ParseError::TooManySegments {
+                        max: self.max_iovecs,
+                    });
+                }
+                Ok(())
+            }
+            RequestKind::Discard | RequestKind::WriteZeroes => {
+                if cfg.read_only {
+                    return Err(ParseError::ReadOnly);
+                }
+                let payload_len = u32::try_from(self.payload_len).unwrap_or(u32::MAX);
+                if self.payload_len == 0 || self.payload_len % RAW_RANGE_SIZE as u64 != 0 {
+                    return Err(ParseError::BadDiscardPayload(payload_len));
+                }
+                let count = self.payload_len / RAW_RANGE_SIZE as u64;
+                if count > u64::from(self.max_ranges) {
+                    return Err(ParseError::TooManyRanges {
+                        count,
+                        max: self.max_ranges,
+                    });
+                }
+                match &self.range_error {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// One discard / write-zeroes segment against the device limits, in QEMU's order: size,
+/// alignment and range (IOERR) before flags (UNSUPP).
+fn validate_range(
+    raw: RawRange,
+    is_write_zeroes: bool,
+    cfg: &DeviceConfig,
+) -> Result<Range, ParseError> {
+    let max_sectors = if is_write_zeroes {
+        cfg.max_write_zeroes_sectors
+    } else {
+        cfg.max_discard_sectors
+    };
+    if raw.num_sectors > max_sectors {
+        return Err(ParseError::RangeTooLarge {
+            num_sectors: raw.num_sectors,
+            max: max_sectors,
+        });
+    }
+    let block_sectors = u64::from(cfg.block_sectors());
+    if raw.sector % block_sectors != 0 || u64::from(raw.num_sectors) % block_sectors != 0 {
+        return Err(ParseError::Misaligned {
+            sector: raw.sector,
+            len: u64::from(raw.num_sectors) << SECTOR_SHIFT,
+            block_size: cfg.logical_block_size,
+        });
+    }
+    check_in_capacity(raw.sector, u64::from(raw.num_sectors), cfg)?;
+    if raw.flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
+        return Err(ParseError::UnsupportedFlags(raw.flags));
+    }
+    let unmap = raw.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+    if unmap && !is_write_zeroes {
+        return Err(ParseError::UnmapOnDiscard);
+    }
+    Ok(Range {
+        sector: raw.sector,
+        num_sectors: raw.num_sectors,
+        unmap,
+    })
+}
+
+fn check_in_capacity(sector: u64, num_sectors: u64, cfg: &DeviceConfig) -> Result<(), ParseError> {
+    match sector.checked_add(num_sectors) {
+        Some(end) if end <= cfg.capacity_sectors => Ok(()),
+        _ => Err(ParseError::SectorOutOfRange {
+            sector,
+            num_sectors,
+            capacity_sectors: cfg.capacity_sectors,
+        }),
+    }
+}
+
+fn status_pointer<T>(mem: &T, addr: GuestAddress) -> Result<*mut u8, ParseError>
+where
+    T: GuestMemory + ?Sized,
+{
+    let slice = mem
+        .get_slices(addr, 1, Permissions::Write)
+        .ok()
+        .and_then(|mut slices| slices.next())
+        .and_then(|slice| slice.ok())
+        .ok_or_else(|| not_in_memory(addr, 1))?;
+    Ok(slice.ptr_guard_mut().as_ptr())
+}
+
+fn not_in_memory(addr: GuestAddress, len: u32) -> ParseError {
+    ParseError::AddressNotInGuestMemory {
+        addr: addr.raw_value(),
+        len,
+    }
 }
