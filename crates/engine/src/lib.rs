@@ -228,6 +228,11 @@ impl Engine {
         self.eventfd.as_raw_fd()
     }
 
+    /// True while a request can be taken: the caller stops draining its queue otherwise.
+    pub fn can_accept(&self) -> bool {
+        !self.request_pool.is_empty()
+    }
+
     /// A cleared request to parse into, or None when `max_requests` are in flight.
     pub fn take_request(&mut self) -> Option<Request> {
         let mut req = self.request_pool.pop()?;

@@ -1,1 +1,513 @@
-// placeholder
+//! The vhost-user-blk backend. `vhost-user-backend`'s daemon handles the protocol (socket,
+//! memory table, vring setup); this crate answers its questions (features, config space, queue
+//! to iothread map) and runs the data path on its worker threads, which are our iothreads:
+//!
+//! kick -> [`BlkBackend::handle_event`] -> drain the queue with notifications off, parse each
+//! chain (`blk_proto::parse`) into a pooled request, hand it to the thread's `engine::Engine`
+//! -> one submit for the batch -> completions (the engine's eventfd wakes the same thread)
+//! -> `add_used` -> signal the guest once per batch, only if EVENT_IDX says it must.
+
+mod serve;
+
+use std::cell::Cell;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use blk_proto::{parse_config_write, DeviceConfig, VIRTIO_BLK_ID_BYTES};
+use engine::{Backend, Engine, EngineConfig, MergeLimits, QueueStats};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+pub use serve::{serve, ServeError};
+
+type Mem = GuestMemoryMmap<()>;
+type GuestMem = GuestMemoryAtomic<Mem>;
+pub type Vring = VringMutex<GuestMem>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid device configuration: {0}")]
+    Config(#[from] blk_proto::ConfigError),
+    #[error("--iothreads {iothreads} must be between 1 and the number of queues ({queues})")]
+    IoThreads { iothreads: usize, queues: usize },
+    #[error(
+        "--cpus lists {cpus} CPUs but there are {iothreads} iothreads: give one CPU per iothread"
+    )]
+    CpuCount { cpus: usize, iothreads: usize },
+    #[error("at most 64 queues are supported, got {0}")]
+    TooManyQueues(usize),
+    #[error("cannot start the I/O engine: {0}")]
+    Engine(#[from] engine::EngineError),
+}
+
+/// Everything the backend needs to serve one export.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub device: DeviceConfig,
+    pub queue_size: u16,
+    pub iothreads: usize,
+    /// One CPU per iothread to pin it to; empty: no pinning.
+    pub cpus: Vec<usize>,
+    /// Write cache enabled at start (the guest may switch it through CONFIG_WCE).
+    pub writeback: bool,
+    pub merge: MergeLimits,
+}
+
+/// Spreads `queues` over `threads` as evenly as possible, contiguous runs per thread.
+pub fn queue_masks(queues: usize, threads: usize) -> Vec<u64> {
+    let mut masks = vec![0u64; threads];
+    for q in 0..queues {
+        masks[q * threads / queues] |= 1 << q;
+    }
+    masks
+}
+
+/// The state one iothread owns. Behind a mutex only so that the control path (memory table
+/// updates, stop, stats) can reach it; on the data path only its own thread takes it.
+struct IoThread {
+    engine: Engine,
+    mem: Option<GuestMem>,
+    /// Mappings that in-flight requests point into: the current one, plus older ones until
+    /// nothing in flight can still use them.
+    pinned: Vec<Arc<Mem>>,
+    /// Local queues left with chains because the request pool was full.
+    throttled: u64,
+    malformed_logged: u64,
+    /// Scratch for completions (reused, never shrinks).
+    done: Vec<engine::Completion>,
+}
+
+struct Inner {
+    device: DeviceConfig,
+    queue_size: u16,
+    masks: Vec<u64>,
+    /// Per global queue: (thread, index among that thread's vrings).
+    placement: Vec<(usize, usize)>,
+    cpus: Vec<Option<usize>>,
+    writeback: Arc<AtomicBool>,
+    acked_features: AtomicU64,
+    stopping: AtomicBool,
+    threads: Vec<Mutex<IoThread>>,
+}
+
+/// The `VhostUserBackend` of uringblk: cheap to clone, shared by the daemon's threads.
+#[derive(Clone)]
+pub struct BlkBackend(Arc<Inner>);
+
+thread_local! {
+    static PINNED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Epoll data of the completion eventfd: above every queue index, as the library requires.
+fn completion_event(num_queues: usize) -> u16 {
+    num_queues as u16 + 1
+}
+
+impl BlkBackend {
+    pub fn new(cfg: ServerConfig, storage: Arc<Backend>) -> Result<BlkBackend, ServerError> {
+        cfg.device.validate()?;
+        let queues = cfg.device.num_queues as usize;
+        if queues > 64 {
+            return Err(ServerError::TooManyQueues(queues));
+        }
+        if cfg.iothreads == 0 || cfg.iothreads > queues {
+            return Err(ServerError::IoThreads {
+                iothreads: cfg.iothreads,
+                queues,
+            });
+        }
+        if !cfg.cpus.is_empty() && cfg.cpus.len() != cfg.iothreads {
+            return Err(ServerError::CpuCount {
+                cpus: cfg.cpus.len(),
+                iothreads: cfg.iothreads,
+            });
+        }
+        let masks = queue_masks(queues, cfg.iothreads);
+        let mut placement = vec![(0, 0); queues];
+        for (t, m) in masks.iter().enumerate() {
+            let mut local = 0;
+            for (q, p) in placement.iter_mut().enumerate() {
+                if m & (1 << q) != 0 {
+                    *p = (t, local);
+                    local += 1;
+                }
+            }
+        }
+        let writeback = Arc::new(AtomicBool::new(cfg.writeback));
+        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
+        let n = cfg.device.serial.len().min(VIRTIO_BLK_ID_BYTES);
+        serial[..n].copy_from_slice(&cfg.device.serial[..n]);
+        let mut threads = Vec::new();
+        for m in &masks {
+            let max_requests = cfg.queue_size as usize * m.count_ones() as usize;
+            let engine = Engine::new(
+                storage.clone(),
+                EngineConfig {
+                    max_requests,
+                    // seg_max data descriptors, each of which may straddle memory regions.
+                    max_iovecs_per_request: (cfg.device.seg_max as usize * 2).min(1024),
+                    max_ranges_per_request: cfg
+                        .device
+                        .max_discard_seg
+                        .max(cfg.device.max_write_zeroes_seg)
+                        as usize,
+                    merge: cfg.merge,
+                    serial,
+                    num_queues: queues,
+                    writeback: writeback.clone(),
+                },
+            )?;
+            threads.push(Mutex::new(IoThread {
+                engine,
+                mem: None,
+                pinned: Vec::new(),
+                throttled: 0,
+                malformed_logged: 0,
+                done: Vec::with_capacity(max_requests),
+            }));
+        }
+        let cpus = (0..cfg.iothreads)
+            .map(|i| cfg.cpus.get(i).copied())
+            .collect();
+        Ok(BlkBackend(Arc::new(Inner {
+            device: cfg.device,
+            queue_size: cfg.queue_size,
+            masks,
+            placement,
+            cpus,
+            writeback,
+            acked_features: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            threads,
+        })))
+    }
+
+    fn thread(&self, i: usize) -> MutexGuard<'_, IoThread> {
+        // A panic while holding the lock already took the thread down; serve what is left.
+        self.0.threads[i]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds each iothread's completion eventfd to that thread's epoll. Call once per daemon
+    /// (a new daemon serves each connection).
+    pub fn register_completion_fds(
+        &self,
+        handlers: &[Arc<VringEpollHandler<Self>>],
+    ) -> io::Result<()> {
+        let ev = completion_event(self.0.device.num_queues as usize);
+        for (i, h) in handlers.iter().enumerate() {
+            let fd = self.thread(i).engine.eventfd();
+            h.register_listener(fd, EventSet::IN, u64::from(ev))?;
+        }
+        Ok(())
+    }
+
+    /// Stops taking new requests (shutdown). In-flight ones still complete.
+    pub fn begin_stop(&self) {
+        self.0.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every iothread's in-flight I/O has completed, and forgets guest memory.
+    /// Used between connections and at shutdown.
+    pub fn quiesce(&self) {
+        for i in 0..self.0.threads.len() {
+            let mut t = self.thread(i);
+            if let Err(e) = t.engine.wait_idle() {
+                log::error!("iothread {i}: waiting for in-flight I/O failed: {e}");
+            }
+            // The frontend is gone: nobody reads these used-ring entries any more.
+            t.engine.take_completions().for_each(drop);
+            t.mem = None;
+            t.pinned.clear();
+            t.throttled = 0;
+        }
+    }
+
+    /// Per-queue statistics as JSON.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let n = self.0.device.num_queues as usize;
+        let mut per_queue: Vec<QueueStats> = (0..n).map(|_| QueueStats::default()).collect();
+        for i in 0..self.0.threads.len() {
+            let t = self.thread(i);
+            for (q, s) in per_queue.iter_mut().zip(t.engine.stats()) {
+                q.add(s);
+            }
+        }
+        let queues: Vec<_> = per_queue
+            .iter()
+            .enumerate()
+            .map(|(q, s)| {
+                let mut v = s.to_json();
+                v["queue"] = q.into();
+                v["iothread"] = self.0.placement[q].0.into();
+                v
+            })
+            .collect();
+        serde_json::json!({ "queues": queues })
+    }
+
+    fn pin_current_thread(&self, thread_id: usize) {
+        if PINNED.with(|p| p.replace(true)) {
+            return;
+        }
+        if let Some(Some(cpu)) = self.0.cpus.get(thread_id) {
+            if core_affinity::set_for_current(core_affinity::CoreId { id: *cpu }) {
+                log::info!("iothread {thread_id} pinned to CPU {cpu}");
+            } else {
+                log::warn!("iothread {thread_id}: cannot pin to CPU {cpu}");
+            }
+        }
+    }
+}
+
+impl IoThread {
+    /// The current guest memory, pinned for the requests about to be parsed.
+    fn current_memory(&mut self) -> Option<Arc<Mem>> {
+        let mem = self.mem.as_ref()?.memory().into_inner();
+        if self.engine.in_flight() == 0 {
+            self.pinned.clear();
+        }
+        if !self.pinned.last().is_some_and(|p| Arc::ptr_eq(p, &mem)) {
+            self.pinned.push(mem.clone());
+        }
+        Some(mem)
+    }
+
+    /// Pops every available chain of one queue, with notifications off while draining and a
+    /// re-check after turning them back on so that no kick is lost.
+    fn drain_queue(&mut self, inner: &Inner, vring: &Vring, local: usize, queue: u16) {
+        let Some(mem) = self.current_memory() else {
+            log::warn!("queue {queue} kicked before the memory table was set");
+            return;
+        };
+        let mut v = vring.get_mut();
+        self.throttled &= !(1 << local);
+        loop {
+            if let Err(e) = v.disable_notification() {
+                log::warn!("queue {queue}: cannot disable notifications: {e}");
+            }
+            loop {
+                if !self.engine.can_accept() {
+                    self.throttled |= 1 << local;
+                    return;
+                }
+                let Some(chain) = v.get_queue_mut().pop_descriptor_chain(&*mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let Some(mut req) = self.engine.take_request() else {
+                    unreachable!("can_accept checked above");
+                };
+                match blk_proto::parse(chain, &inner.device, &mut req) {
+                    Ok(()) => self.engine.enqueue(req, queue, head),
+                    Err(e) => match e.status() {
+                        Some(status) => {
+                            log::debug!("queue {queue} head {head}: {e}");
+                            self.engine.reject(req, queue, head, status);
+                        }
+                        None => {
+                            self.malformed_logged += 1;
+                            if self.malformed_logged <= 10 {
+                                log::warn!(
+                                    "queue {queue} head {head}: malformed chain dropped: {e}"
+                                );
+                            }
+                            self.engine.discard_malformed(req, queue);
+                            if let Err(e) = v.add_used(head, 0) {
+                                log::warn!("queue {queue}: add_used failed: {e}");
+                            }
+                        }
+                    },
+                }
+            }
+            match v.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    log::warn!("queue {queue}: cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Puts completions on their used rings and signals each queue at most once.
+    fn deliver(&mut self, inner: &Inner, vrings: &[Vring]) {
+        self.done.clear();
+        self.done.extend(self.engine.take_completions());
+        if self.done.is_empty() {
+            return;
+        }
+        let mut dirty = 0u64;
+        for c in &self.done {
+            dirty |= 1 << inner.placement[c.queue as usize].1;
+        }
+        for (local, vring) in vrings.iter().enumerate() {
+            if dirty & (1 << local) == 0 {
+                continue;
+            }
+            let mut v = vring.get_mut();
+            for c in self
+                .done
+                .iter()
+                .filter(|c| inner.placement[c.queue as usize].1 == local)
+            {
+                if let Err(e) = v.add_used(c.head, c.used_len) {
+                    log::warn!("queue {}: add_used failed: {e}", c.queue);
+                }
+            }
+            match v.needs_notification() {
+                Ok(false) => {}
+                Ok(true) | Err(_) => {
+                    if let Err(e) = v.signal_used_queue() {
+                        log::warn!("cannot signal the guest: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.0.device.num_queues as usize
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.0.queue_size as usize
+    }
+
+    fn features(&self) -> u64 {
+        self.0.device.virtio_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.0.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        // The vrings apply it themselves; this is only worth a log line.
+        log::debug!("EVENT_IDX {}", if enabled { "on" } else { "off" });
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let wb = self.0.writeback.load(Ordering::Relaxed);
+        self.0.device.read_config(wb, offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        match parse_config_write(offset, buf) {
+            Some(wb) => {
+                log::info!(
+                    "guest switched the write cache {}",
+                    if wb { "on" } else { "off" }
+                );
+                self.0.writeback.store(wb, Ordering::Relaxed);
+            }
+            None => log::warn!("ignored config write at {offset} of {} bytes", buf.len()),
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        for i in 0..self.0.threads.len() {
+            self.thread(i).mem = Some(mem.clone());
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        self.0.masks.clone()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend reads next_avail after this returns, so every request
+        // of the queue must be completed and on the used ring first.
+        let Some(&(t, _)) = self.0.placement.get(queue_index as usize) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.thread(t).engine.in_flight_on(queue_index as u16) == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                log::error!("queue {queue_index}: I/O still in flight after 30 s at stop");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let inner = &*self.0;
+        if thread_id >= inner.threads.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "unknown thread",
+            ));
+        }
+        self.pin_current_thread(thread_id);
+        let mut t = self.thread(thread_id);
+        let stopping = inner.stopping.load(Ordering::Relaxed);
+        let local = device_event as usize;
+        if local < vrings.len() && !stopping {
+            let queue = inner.masks[thread_id].trailing_zeros() as usize + local;
+            // Queues of a thread are contiguous (see queue_masks).
+            t.drain_queue(inner, &vrings[local], local, queue as u16);
+        } else if device_event != completion_event(inner.device.num_queues as usize)
+            && local >= vrings.len()
+        {
+            log::warn!("iothread {thread_id}: unexpected event {device_event}");
+        }
+        loop {
+            t.engine.submit()?;
+            t.engine.reap()?;
+            t.deliver(inner, vrings);
+            // Chains left behind for want of a free request: take them now that some are free.
+            if t.throttled == 0 || stopping || !t.engine.can_accept() {
+                break;
+            }
+            let throttled = t.throttled;
+            for (local, vring) in vrings.iter().enumerate() {
+                if throttled & (1 << local) != 0 {
+                    let queue = inner.masks[thread_id].trailing_zeros() as usize + local;
+                    t.drain_queue(inner, vring, local, queue as u16);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+//! The data path with mock guest memory and mock virtqueues: a chain goes in through the avail
+//! ring, `handle_event` drains it, and the used ring and the status byte come out.
+
+use super::*;
+use blk_proto::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_GET_ID};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
+
+const QSIZE: u16 = 16;
+
+fn device(queues: u16) -> DeviceConfig {
+    let mut d = DeviceConfig::new(1 << 20, 512, queues, QSIZE);
+    d.serial = b"mock-serial".to_vec();
+    d
+}
+
+fn backend(queues: u16, iothreads: usize) -> BlkBackend {
+    BlkBackend::new(
+        ServerConfig {
+            device: device(queues),
+            queue_size: QSIZE,
+            iothreads,
+            cpus: vec![],
+            writeback: true,
+            merge: MergeLimits::default(),
+        },
+        Arc::new(Backend::null(1 << 20)),
+    )
+    .unwrap()
+}
+
+struct Harness {
+    mem: GuestMem,
+    vring: Vring,
+    backend: BlkBackend,
+}
+
+fn harness(backend: BlkBackend, mq: &MockSplitQueue<Mem>, mem: GuestMem) -> Harness {
+    let vring = Vring::new(mem.clone(), QSIZE).unwrap();
+    vring
+        .set_queue_info(mq.desc_table_addr().0, mq.avail_addr().0, mq.used_addr().0)
+        .unwrap();
+    vring.set_queue_size(QSIZE);
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    backend.update_memory(mem.clone()).unwrap();
+    Harness {
+        mem,
+        vring,
+        backend,
+    }
+}
+
+fn desc(addr: u64, len: u32, write: bool, next: Option<u16>) -> RawDescriptor {
+    let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+    if next.is_some() {
+        flags |= virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    }
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next.unwrap_or(0)))
+}
+
+fn header(mem: &Mem, at: u64, kind: u32, sector: u64) {
+    mem.write_obj(kind, GuestAddress(at)).unwrap();
+    mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+    mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+}
+
+fn used_entry(mem: &Mem, mq: &MockSplitQueue<Mem>, i: u64) -> (u32, u32) {
+    let base = mq.used_addr().0 + 4 + 8 * i;
+    (
+        mem.read_obj(GuestAddress(base)).unwrap(),
+        mem.read_obj(GuestAddress(base + 4)).unwrap(),
+    )
+}
+
+#[test]
+fn get_id_through_the_request_path_returns_the_serial() {
+    let mem = GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+    let m = mem.memory();
+    let mq = MockSplitQueue::new(&*m, QSIZE);
+    let h = harness(backend(1, 1), &mq, mem.clone());
+    header(&m, 0x8000, VIRTIO_BLK_T_GET_ID, 0);
+    m.write_slice(&[0xee; 20], GuestAddress(0x9000)).unwrap();
+    m.write_obj(0xffu8, GuestAddress(0xa000)).unwrap();
+    mq.add_desc_chains(
+        &[
+            desc(0x8000, 16, false, Some(1)),
+            desc(0x9000, 20, true, Some(2)),
+            desc(0xa000, 1, true, None),
+        ],
+        0,
+    )
+    .unwrap();
+    h.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
+        .unwrap();
+    let mut id = [0u8; 20];
+    h.mem
+        .memory()
+        .read_slice(&mut id, GuestAddress(0x9000))
+        .unwrap();
+    assert_eq!(&id[..11], b"mock-serial");
+    assert!(
+        id[11..].iter().all(|&b| b == 0),
+        "zero-padded when shorter than 20"
+    );
+    assert_eq!(
+        m.read_obj::<u8>(GuestAddress(0xa000)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(
+        m.read_obj::<u16>(mq.used_addr().unchecked_add(2)).unwrap(),
+        1
+    );
+    assert_eq!(used_entry(&m, &mq, 0), (0, 21));
+}
+
+#[test]
+fn bad_requests_get_a_status_and_malformed_chains_are_returned_empty() {
+    let mem = GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+    let m = mem.memory();
+    let mq = MockSplitQueue::new(&*m, QSIZE);
+    let h = harness(backend(1, 1), &mq, mem.clone());
+    // 0: unknown type -> UNSUPP.  3: read past the end -> IOERR.  6: no writable status byte.
+    header(&m, 0x8000, 0x77, 0);
+    header(&m, 0x8100, blk_proto::VIRTIO_BLK_T_IN, (1 << 20) / 512);
+    header(&m, 0x8200, blk_proto::VIRTIO_BLK_T_IN, 0);
+    mq.add_desc_chains(
+        &[
+            desc(0x8000, 16, false, Some(1)),
+            desc(0xa000, 1, true, None),
+            desc(0, 0, false, None), // unused slot keeps the indices simple
+            desc(0x8100, 16, false, Some(4)),
+            desc(0x9000, 512, true, Some(5)),
+            desc(0xa001, 1, true, None),
+            desc(0x8200, 16, false, None),
+        ],
+        0,
+    )
+    .unwrap();
+    // Three chains: heads 0, 3 and 6 (add_desc_chains put head 0 only; publish the others).
+    let avail = mq.avail_addr().0;
+    m.write_obj(3u16, GuestAddress(avail + 4 + 2)).unwrap();
+    m.write_obj(6u16, GuestAddress(avail + 4 + 4)).unwrap();
+    m.write_obj(3u16, GuestAddress(avail + 2)).unwrap();
+    h.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
+        .unwrap();
+    assert_eq!(
+        m.read_obj::<u8>(GuestAddress(0xa000)).unwrap(),
+        VIRTIO_BLK_S_UNSUPP
+    );
+    assert_eq!(
+        m.read_obj::<u8>(GuestAddress(0xa001)).unwrap(),
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(
+        m.read_obj::<u16>(mq.used_addr().unchecked_add(2)).unwrap(),
+        3
+    );
+    let used: Vec<_> = (0..3).map(|i| used_entry(&m, &mq, i)).collect();
+    assert!(
+        used.contains(&(6, 0)),
+        "malformed chain returned with length 0: {used:?}"
+    );
+    let stats = h.backend.stats_json();
+    assert_eq!(stats["queues"][0]["rejected"], 2);
+    assert_eq!(stats["queues"][0]["malformed"], 1);
+}
+
+#[test]
+fn queues_spread_evenly_and_contiguously_over_iothreads() {
+    assert_eq!(queue_masks(1, 1), vec![0b1]);
+    assert_eq!(queue_masks(4, 2), vec![0b0011, 0b1100]);
+    assert_eq!(queue_masks(3, 2), vec![0b011, 0b100]);
+    assert_eq!(queue_masks(2, 2), vec![0b01, 0b10]);
+}
+
+#[test]
+fn features_and_protocol_features_offer_what_libblkio_needs() {
+    let b = backend(2, 2);
+    let f = b.features();
+    assert_ne!(f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+    assert_ne!(
+        f & (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1),
+        0
+    );
+    let p = b.protocol_features();
+    for need in [
+        VhostUserProtocolFeatures::CONFIG,
+        VhostUserProtocolFeatures::MQ,
+        VhostUserProtocolFeatures::REPLY_ACK,
+        VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+    ] {
+        assert!(p.contains(need), "{need:?} missing");
+    }
+    assert_eq!(b.queues_per_thread(), vec![0b01, 0b10]);
+}
+
+#[test]
+fn config_write_switches_the_write_cache() {
+    let b = backend(1, 1);
+    let wce = blk_proto::WCE_OFFSET as u32;
+    assert_eq!(b.get_config(wce, 1), vec![1]);
+    b.set_config(wce, &[0]).unwrap();
+    assert_eq!(b.get_config(wce, 1), vec![0]);
+    b.set_config(wce, &[1]).unwrap();
+    assert_eq!(b.get_config(wce, 1), vec![1]);
+}
+
+#[test]
+fn bad_thread_and_cpu_counts_are_refused() {
+    let mk = |iothreads, cpus: Vec<usize>| {
+        BlkBackend::new(
+            ServerConfig {
+                device: device(2),
+                queue_size: QSIZE,
+                iothreads,
+                cpus,
+                writeback: true,
+                merge: MergeLimits::default(),
+            },
+            Arc::new(Backend::null(1 << 20)),
+        )
+    };
+    assert!(matches!(mk(3, vec![]), Err(ServerError::IoThreads { .. })));
+    assert!(matches!(mk(0, vec![]), Err(ServerError::IoThreads { .. })));
+    assert!(matches!(mk(2, vec![0]), Err(ServerError::CpuCount { .. })));
+    assert!(mk(2, vec![0, 1]).is_ok());
+}
