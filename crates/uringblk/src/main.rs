@@ -1,1 +1,181 @@
-fn main() {}
+//! uringblk: serves one disk image (or a null device) over vhost-user-blk. This binary only
+//! wires things together: flags (cli.rs) -> storage backend (engine) -> vhost-user backend
+//! (vhost-server) -> connection loop, plus logging and signals.
+
+mod cli;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use blk_proto::DeviceConfig;
+use clap::Parser;
+use engine::{Backend, ImageOptions, MergeLimits};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::iterator::Signals;
+use vhost_server::{BlkBackend, ServerConfig};
+
+use cli::Cli;
+
+/// Exit code for bad flags, as clap uses.
+const USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    let (backend, storage) = match build(&cli) {
+        Ok(b) => b,
+        Err(msg) => {
+            eprintln!("uringblk: error: {msg}");
+            return ExitCode::from(USAGE);
+        }
+    };
+    // Signals are set up before the socket exists, so a stop request is never missed.
+    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGUSR1]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("uringblk: error: cannot handle signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let (backend, stop, socket) = (backend.clone(), stop.clone(), cli.socket.clone());
+        std::thread::Builder::new()
+            .name("vhost-user".into())
+            .spawn(move || {
+                let listening = || log::info!("listening on {}", socket.display());
+                if let Err(e) = vhost_server::serve(&backend, &socket, &stop, listening) {
+                    eprintln!("uringblk: error: {e}");
+                    std::process::exit(1);
+                }
+            })
+    };
+    if let Err(e) = server {
+        eprintln!("uringblk: error: cannot start the server thread: {e}");
+        return ExitCode::FAILURE;
+    }
+    for signal in signals.forever() {
+        match signal {
+            SIGUSR1 => print_stats(&backend),
+            _ => break,
+        }
+    }
+    log::info!("stopping: draining in-flight I/O");
+    stop.store(true, Ordering::SeqCst);
+    backend.begin_stop();
+    backend.quiesce();
+    if let Err(e) = storage.sync() {
+        log::error!("final sync of the image failed: {e}");
+    }
+    remove_socket(&cli.socket);
+    print_stats(&backend);
+    log::info!("stopped");
+    // The vhost-user thread may sit in accept(); the process ends it.
+    ExitCode::SUCCESS
+}
+
+/// Checks every flag against the others and the storage, then builds the backend.
+fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
+    let cpus = cli.cpus.clone().map(|c| c.0).unwrap_or_default();
+    let iothreads = match (cli.iothreads, cpus.len()) {
+        (Some(n), _) => n as usize,
+        (None, 0) => 1,
+        (None, n) => n,
+    };
+    if iothreads > cli.queues as usize {
+        return Err(format!(
+            "--iothreads {iothreads} exceeds --queues {}: each iothread needs a queue",
+            cli.queues
+        ));
+    }
+    if !cpus.is_empty() && cpus.len() != iothreads {
+        return Err(format!(
+            "--cpus lists {} CPUs for {iothreads} iothreads: give exactly one per iothread",
+            cpus.len()
+        ));
+    }
+    if cli.null.is_some() && (cli.direct || cli.buffered) {
+        return Err("--direct/--buffered apply to --image, not --null".into());
+    }
+    let storage = match (&cli.image, cli.null) {
+        (Some(path), _) => {
+            let opts = ImageOptions {
+                read_only: cli.readonly,
+                direct: !cli.buffered,
+                create_size: cli.create,
+            };
+            let b = Backend::open(path, &opts).map_err(|e| e.to_string())?;
+            b.check_block_size(path, cli.logical_block_size)
+                .map_err(|e| e.to_string())?;
+            b
+        }
+        (None, Some(size)) => Backend::null(size),
+        (None, None) => return Err("give --image PATH or --null SIZE".into()),
+    };
+    let capacity = storage.capacity_bytes();
+    if capacity < u64::from(cli.logical_block_size) {
+        return Err(format!(
+            "the image holds {capacity} bytes, less than one {}-byte block",
+            cli.logical_block_size
+        ));
+    }
+    let mut device = DeviceConfig::new(capacity, cli.logical_block_size, cli.queues, cli.queue_size);
+    device.read_only = cli.readonly;
+    device.discard = !cli.no_discard;
+    device.write_zeroes = !cli.no_write_zeroes;
+    device.serial = cli.serial.as_bytes().to_vec();
+    if socket_in_use(&cli.socket) {
+        return Err(format!(
+            "{} is in use by a running server",
+            cli.socket.display()
+        ));
+    }
+    let storage = Arc::new(storage);
+    let backend = BlkBackend::new(
+        ServerConfig {
+            device,
+            queue_size: cli.queue_size,
+            iothreads,
+            cpus,
+            writeback: !cli.writethrough,
+            merge: MergeLimits::default(),
+        },
+        storage.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    log::info!(
+        "{} bytes ({:?}{}), {} queue(s) of {} on {} iothread(s), block size {}",
+        capacity,
+        storage.kind(),
+        if storage.is_direct() { ", O_DIRECT" } else { "" },
+        cli.queues,
+        cli.queue_size,
+        iothreads,
+        cli.logical_block_size
+    );
+    Ok((backend, storage))
+}
+
+/// A socket file another live server answers on must not be stolen (a stale one is fine).
+fn socket_in_use(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+fn remove_socket(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+fn print_stats(backend: &BlkBackend) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", backend.stats_json());
+    let _ = out.flush();
+}

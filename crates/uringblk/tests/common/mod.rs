@@ -29,7 +29,10 @@ impl ServerProcess {
             .arg("--socket")
             .arg(&socket)
             .args(&args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn uringblk");
@@ -48,7 +51,10 @@ impl ServerProcess {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("uringblk exited before listening: {status}");
             }
-            assert!(start.elapsed() < timeout, "uringblk did not create its socket in {timeout:?}");
+            assert!(
+                start.elapsed() < timeout,
+                "uringblk did not create its socket in {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

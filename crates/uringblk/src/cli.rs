@@ -1,0 +1,213 @@
+//! Command-line flags and the checks that turn them into a server configuration. Every bad
+//! value is reported in one line before the socket is opened.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "uringblk",
+    version,
+    about = "vhost-user-blk server whose dataplane is io_uring",
+    after_help = "Example: uringblk --socket /tmp/uringblk.sock --image disk.img --create 1G --queues 2 --iothreads 2 --cpus 0,1\n\
+                  Signals: SIGTERM/SIGINT stop cleanly (in-flight I/O drained), SIGUSR1 prints statistics as JSON on stdout."
+)]
+pub struct Cli {
+    /// Unix socket the VMM (vhost-user frontend) connects to.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// Disk image: a regular file or a block device.
+    #[arg(long, value_name = "PATH", required_unless_present = "null", conflicts_with = "null")]
+    pub image: Option<PathBuf>,
+
+    /// Create the image as a sparse file of SIZE bytes if it does not exist (suffixes K, M, G, T).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "image")]
+    pub create: Option<u64>,
+
+    /// Null backend of SIZE bytes: completes I/O without touching a disk (dataplane measurement).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub null: Option<u64>,
+
+    /// Export read-only: the guest sees VIRTIO_BLK_F_RO, writes fail with IOERR.
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Open the image with O_DIRECT (the default for files and block devices).
+    #[arg(long, conflicts_with = "buffered")]
+    pub direct: bool,
+
+    /// Go through the host page cache instead of O_DIRECT.
+    #[arg(long)]
+    pub buffered: bool,
+
+    /// Number of virtqueues offered to the guest.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues: u16,
+
+    /// Number of iothreads (default: one per --cpus entry, else 1); queues are spread evenly.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub iothreads: Option<u16>,
+
+    /// CPUs to pin the iothreads to, one per iothread (e.g. 0,1 or 2-5).
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub cpus: Option<CpuList>,
+
+    /// Virtqueue size: a power of two up to 1024.
+    #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Serial number the guest reads with GET_ID (at most 20 bytes).
+    #[arg(long, default_value = "uringblk", value_parser = parse_serial)]
+    pub serial: String,
+
+    /// Logical block size the guest sees.
+    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+    pub logical_block_size: u32,
+
+    /// Do not offer DISCARD.
+    #[arg(long)]
+    pub no_discard: bool,
+
+    /// Do not offer WRITE_ZEROES.
+    #[arg(long)]
+    pub no_write_zeroes: bool,
+
+    /// Start with the write cache off: every write is durable (O_DSYNC) before it completes.
+    #[arg(long)]
+    pub writethrough: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// "4096", "64K", "256M", "1G", "2T" (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix in '{s}' (use K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 1G, 256M, 4096)"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size '{s}' is too large"))?;
+    if bytes == 0 {
+        return Err("size must be greater than 0".into());
+    }
+    Ok(bytes)
+}
+
+/// "0,2,3" or "0-3" or a mix; every CPU must exist on this machine.
+pub fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max_cpu = core_count().max(online);
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let a: usize = a.parse().map_err(|_| format!("'{part}' is not a CPU number or range"))?;
+        let b: usize = b.parse().map_err(|_| format!("'{part}' is not a CPU number or range"))?;
+        if a > b {
+            return Err(format!("CPU range '{part}' is backwards"));
+        }
+        for c in a..=b {
+            if c >= max_cpu {
+                return Err(format!("CPU {c} does not exist (this machine has {max_cpu})"));
+            }
+            if cpus.contains(&c) {
+                return Err(format!("CPU {c} is listed twice"));
+            }
+            cpus.push(c);
+        }
+    }
+    Ok(CpuList(cpus))
+}
+
+fn core_count() -> usize {
+    core_affinity::get_core_ids().map_or(0, |ids| ids.iter().map(|c| c.id + 1).max().unwrap_or(0))
+}
+
+pub fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if n == 0 || n > 1024 || !n.is_power_of_two() {
+        return Err(format!("queue size must be a power of two from 1 to 1024, got {n}"));
+    }
+    if n < 4 {
+        return Err("queue size must be at least 4 (a request needs 3 descriptors)".into());
+    }
+    Ok(n)
+}
+
+pub fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > 20 {
+        return Err(format!("serial is {} bytes; at most 20 fit", s.len()));
+    }
+    Ok(s.to_string())
+}
+
+pub fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("logical block size must be 512 or 4096, got '{s}'")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("256m"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn cpu_lists_accept_ranges_and_reject_unknown_cpus() {
+        assert_eq!(parse_cpu_list("0"), Ok(CpuList(vec![0])));
+        assert!(parse_cpu_list("0,0").is_err());
+        assert!(parse_cpu_list("1-0").is_err());
+        assert!(parse_cpu_list("100000").is_err());
+        assert!(parse_cpu_list("a").is_err());
+    }
+
+    #[test]
+    fn queue_size_must_be_a_power_of_two_up_to_1024() {
+        assert_eq!(parse_queue_size("256"), Ok(256));
+        assert_eq!(parse_queue_size("1024"), Ok(1024));
+        for bad in ["0", "100", "2048", "2", "x"] {
+            assert!(parse_queue_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn serial_and_block_size_limits() {
+        assert!(parse_serial("01234567890123456789").is_ok());
+        assert!(parse_serial("012345678901234567890").is_err());
+        assert_eq!(parse_block_size("4096"), Ok(4096));
+        assert!(parse_block_size("1024").is_err());
+    }
+}
