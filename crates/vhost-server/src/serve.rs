@@ -61,6 +61,10 @@ pub fn serve(
         log::info!("frontend #{connection} connected");
         match daemon.wait() {
             Ok(()) => log::info!("frontend #{connection} disconnected"),
+            // A VM that shuts down just closes the socket: that is not worth a warning.
+            Err(e) if e.to_string().contains("disconnected") => {
+                log::info!("frontend #{connection} disconnected")
+            }
             Err(e) => log::warn!("frontend #{connection} ended with an error: {e}"),
         }
         // Ends the worker threads (exit events), then finishes whatever I/O they left.
