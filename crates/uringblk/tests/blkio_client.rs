@@ -167,19 +167,22 @@ fn data_integrity_4k_logical_blocks() {
     integrity_run(&["--logical-block-size", "4096"], 4096);
 }
 
-/// Splits `total` bytes into segments of 1..=700 bytes (the last one whatever remains) laid out
-/// in `buf` from `buf_offset + 3` with gaps of 1..=7 bytes, so no segment is aligned to anything.
+/// Splits `total` bytes into segments of 1..=`longest` bytes (the last one whatever remains) laid
+/// out in `buf` from `buf_offset + 3` with gaps of 1..=7 bytes, so no segment is aligned to
+/// anything. `longest` is chosen so the count stays well under `max_segments`.
 fn odd_segments(
     rng: &mut Rng,
     buf: &SharedBuf,
     buf_offset: usize,
     total: usize,
+    max_segments: usize,
 ) -> Vec<libc::iovec> {
+    let longest = 700.max(4 * total / max_segments) as u64;
     let mut segments = Vec::new();
     let mut at = buf_offset + 3;
     let mut left = total;
     while left > 0 {
-        let len = (1 + rng.below(700) as usize).min(left);
+        let len = (1 + rng.below(longest) as usize).min(left);
         segments.push(libc::iovec {
             iov_base: buf.ptr(at, len).cast(),
             iov_len: len,
@@ -187,6 +190,10 @@ fn odd_segments(
         at += len + 1 + rng.below(7) as usize;
         left -= len;
     }
+    assert!(
+        segments.len() <= max_segments,
+        "test wants more segments than seg_max"
+    );
     segments
 }
 
@@ -206,11 +213,7 @@ fn scattered_round_trip(
     let seed = 0xC0FFEE;
     let data = pattern(offset, total, seed);
 
-    let write_segments = odd_segments(&mut rng, buf, 0, total);
-    assert!(
-        write_segments.len() <= max_segments,
-        "test wants more segments than seg_max"
-    );
+    let write_segments = odd_segments(&mut rng, buf, 0, total, max_segments);
     let mut at = 0;
     for segment in &write_segments {
         let buf_offset = segment.iov_base as usize - buf.ptr(0, 0) as usize;
@@ -233,7 +236,7 @@ fn scattered_round_trip(
 
     let read_base = buf.len() / 2;
     buf.fill(read_base, buf.len() / 2, 0xA5);
-    let read_segments = odd_segments(&mut rng, buf, read_base, total);
+    let read_segments = odd_segments(&mut rng, buf, read_base, total, max_segments);
     queue.readv(
         offset,
         read_segments.as_ptr(),

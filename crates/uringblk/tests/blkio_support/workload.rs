@@ -309,7 +309,7 @@ impl QueueRun<'_> {
                 let end = prev.offset + prev.len;
                 kind == Kind::Write
                     && self.rng.below(4) == 0
-                    && end / self.params.stripe == (end + len - 1) / self.params.stripe
+                    && (end - 1) / self.params.stripe == (end + len - 1) / self.params.stripe
             });
             let offset = match follow {
                 Some(prev) => prev.offset + prev.len,
