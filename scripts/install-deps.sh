@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs the system packages uringblk's tests and benchmarks need (Debian/Ubuntu, as root or
+# with sudo): QEMU for the guest tests, fio and busybox for the guest image, qemu-storage-daemon
+# as the comparison peer. Already-present tools are not reinstalled. Fails loudly otherwise.
+set -euo pipefail
+
+log() { echo "install-deps: $*" >&2; }
+die() { echo "install-deps: ERROR: $*" >&2; exit 1; }
+
+as_root() {
+    if [[ $(id -u) == 0 ]]; then "$@"
+    elif command -v sudo >/dev/null; then sudo "$@"
+    else die "need root (or sudo) to run: $*"
+    fi
+}
+
+missing=()
+command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+command -v qemu-storage-daemon >/dev/null || missing+=(qemu-system-common)
+command -v qemu-img >/dev/null || missing+=(qemu-utils)
+command -v fio >/dev/null || missing+=(fio)
+[[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
+command -v blkdiscard >/dev/null || missing+=(util-linux)
+command -v valgrind >/dev/null || missing+=(valgrind)
+
+if ((${#missing[@]})); then
+    command -v apt-get >/dev/null || die "apt-get not found; install by hand: ${missing[*]}"
+    log "installing ${missing[*]}"
+    as_root apt-get update -q >&2 || die "apt-get update failed"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${missing[@]}" >&2 || die "apt-get install ${missing[*]} failed"
+fi
+
+for tool in qemu-system-x86_64 qemu-storage-daemon fio blkdiscard; do
+    command -v "$tool" >/dev/null || die "$tool is still missing after the install"
+done
+command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
+log "ok: $(qemu-system-x86_64 --version | head -n1); $(fio --version)"
