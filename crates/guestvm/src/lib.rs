@@ -20,6 +20,7 @@
 //! ```
 
 pub mod report;
+pub mod testing;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -341,7 +342,7 @@ pub fn default_guest_dir() -> PathBuf {
     }
 }
 
-fn find_in_path(program: &str) -> bool {
+pub(crate) fn find_in_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .map(|paths| {
             std::env::split_paths(&paths)

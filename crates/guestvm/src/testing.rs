@@ -1,0 +1,110 @@
+//! Helpers for VM tests: the prerequisite gate, a one-time guest build, a lock that keeps VMs
+//! from running side by side, and qemu-storage-daemon as a reference vhost-user-blk server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::{build_guest, default_guest_dir, missing_prerequisites};
+
+/// True when CI runs us: there, a missing prerequisite is an install failure.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Checks that VMs can run here and builds the guest (once per process). Returns the guest
+/// folder, or `None` after printing "SKIPPED: <reason>" when a prerequisite is missing outside
+/// CI. In CI a missing prerequisite panics, and a failed guest build panics everywhere.
+pub fn guest_or_skip(test_name: &str) -> Option<PathBuf> {
+    let mut missing = missing_prerequisites();
+    if !crate::find_in_path("qemu-storage-daemon") {
+        missing.push("qemu-storage-daemon".into());
+    }
+    if !missing.is_empty() {
+        let reason = format!(
+            "{test_name}: missing {} (apt-get install qemu-system-x86 fio busybox-static util-linux)",
+            missing.join(", ")
+        );
+        assert!(!in_ci(), "CI must install the VM prerequisites: {reason}");
+        eprintln!("SKIPPED: {reason}");
+        return None;
+    }
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let dir = default_guest_dir();
+        build_guest(&dir).map(|()| dir).map_err(|e| e.to_string())
+    });
+    match built {
+        Ok(dir) => Some(dir.clone()),
+        Err(e) => panic!("building the guest failed: {e}"),
+    }
+}
+
+/// One VM at a time per test process: TCG vCPUs are host threads, and two VMs at once on a
+/// small CI machine would starve each other into timeouts.
+pub fn vm_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    // A test that panicked while holding the lock left nothing half-done behind it.
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// qemu-storage-daemon exporting an image as vhost-user-blk: the reference server the
+/// project compares against, and a known-good server to test the guest tooling with.
+pub struct QemuStorageDaemon {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl QemuStorageDaemon {
+    /// Exports `image` (O_DIRECT, io_uring) on `socket` with `num_queues` queues.
+    pub fn start(
+        image: &Path,
+        socket: &Path,
+        num_queues: u32,
+        writable: bool,
+    ) -> std::io::Result<Self> {
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk,filename={},cache.direct=on,aio=io_uring",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=export,node-name=disk,addr.type=unix,addr.path={},\
+                 writable={},num-queues={num_queues}",
+                socket.display(),
+                if writable { "on" } else { "off" }
+            ))
+            .stdin(Stdio::null())
+            .spawn()?;
+        let mut daemon = QemuStorageDaemon {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        let start = Instant::now();
+        while !socket.exists() {
+            if let Some(status) = daemon.child.try_wait()? {
+                return Err(std::io::Error::other(format!(
+                    "qemu-storage-daemon exited before listening: {status}"
+                )));
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(std::io::Error::other(
+                    "qemu-storage-daemon did not create its socket in 10 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(daemon)
+    }
+}
+
+impl Drop for QemuStorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
