@@ -8,12 +8,12 @@
 mod blkio_support;
 mod common;
 
-use blkio::ReqFlags;
+use blkio::{Blkioq, ReqFlags};
 use blkio_support::workload::{self, Params};
 use blkio_support::{
     allocated_bytes, check_file, connect, describe_ret, discard, flush, pattern, read_at, read_vec,
-    wait, within, write_at, write_slice, write_zeroes, Client, ClientOptions, DiskModel, Rng,
-    SharedBuf, MIB, SECTOR,
+    wait, wait_one, within, write_at, write_slice, write_zeroes, Client, ClientOptions, DiskModel,
+    Rng, SharedBuf, MIB, SECTOR,
 };
 use common::ServerProcess;
 use std::path::{Path, PathBuf};
@@ -167,38 +167,89 @@ fn data_integrity_4k_logical_blocks() {
     integrity_run(&["--logical-block-size", "4096"], 4096);
 }
 
-/// Splits `total` bytes into segments of 1..=`longest` bytes (the last one whatever remains) laid
-/// out in `buf` from `buf_offset + 3` with gaps of 1..=7 bytes, so no segment is aligned to
-/// anything. `longest` is chosen so the count stays well under `max_segments`.
-fn odd_segments(
+/// Splits `total` bytes into pieces of 1..=`longest` bytes (the last one whatever remains) laid
+/// out from `buf_offset + 3` with gaps of 1..=7 bytes, so no piece is aligned to anything.
+/// `longest` is chosen so the count stays well under `max_segments`. Returns (offset, length).
+fn odd_pieces(
     rng: &mut Rng,
-    buf: &SharedBuf,
     buf_offset: usize,
     total: usize,
     max_segments: usize,
-) -> Vec<libc::iovec> {
+) -> Vec<(usize, usize)> {
     let longest = 700.max(4 * total / max_segments) as u64;
-    let mut segments = Vec::new();
+    let mut pieces = Vec::new();
     let mut at = buf_offset + 3;
     let mut left = total;
     while left > 0 {
         let len = (1 + rng.below(longest) as usize).min(left);
-        segments.push(libc::iovec {
-            iov_base: buf.ptr(at, len).cast(),
-            iov_len: len,
-        });
+        pieces.push((at, len));
         at += len + 1 + rng.below(7) as usize;
         left -= len;
     }
     assert!(
-        segments.len() <= max_segments,
+        pieces.len() <= max_segments,
         "test wants more segments than seg_max"
     );
-    segments
+    pieces
+}
+
+/// writev of `data` at `offset` from `write_pieces`, then readv into `read_pieces` (poisoned
+/// first), then a plain read; both reads must return `data`.
+fn vectored_round_trip(
+    queue: &mut Blkioq,
+    buf: &SharedBuf,
+    offset: u64,
+    data: &[u8],
+    write_pieces: &[(usize, usize)],
+    read_pieces: &[(usize, usize)],
+) {
+    buf.scatter(write_pieces, data);
+    let iovecs = buf.iovecs(write_pieces);
+    queue.writev(
+        offset,
+        iovecs.as_ptr(),
+        iovecs.len() as u32,
+        7,
+        ReqFlags::empty(),
+    );
+    let what = format!(
+        "writev of {} bytes in {} segments at {offset}",
+        data.len(),
+        iovecs.len()
+    );
+    expect_ok(wait_one(queue, 7), &what);
+
+    for &(piece_offset, len) in read_pieces {
+        buf.fill(piece_offset, len, 0xA5);
+    }
+    let iovecs = buf.iovecs(read_pieces);
+    queue.readv(
+        offset,
+        iovecs.as_ptr(),
+        iovecs.len() as u32,
+        8,
+        ReqFlags::empty(),
+    );
+    let what = format!(
+        "readv of {} bytes in {} segments at {offset}",
+        data.len(),
+        iovecs.len()
+    );
+    expect_ok(wait_one(queue, 8), &what);
+    assert!(
+        buf.gather(read_pieces) == data,
+        "{what} returned other data than written"
+    );
+
+    let plain = read_vec(queue, buf, offset, data.len());
+    assert!(
+        plain == data,
+        "plain read at {offset} differs from the vectored write"
+    );
 }
 
 /// Writes `total` bytes at `offset` from unaligned odd-sized segments and reads them back through
-/// a different unaligned segmentation and through one plain read.
+/// a different unaligned segmentation (the O_DIRECT bounce-buffer path of the server).
 fn scattered_round_trip(
     client: &mut Client,
     model: &mut DiskModel,
@@ -211,56 +262,11 @@ fn scattered_round_trip(
     let (queue, buf) = client.queue(0);
     let mut rng = Rng::new(offset ^ 0xDA7A);
     let seed = 0xC0FFEE;
+    let write_pieces = odd_pieces(&mut rng, 0, total, max_segments);
+    let read_pieces = odd_pieces(&mut rng, buf.len() / 2, total, max_segments);
     let data = pattern(offset, total, seed);
-
-    let write_segments = odd_segments(&mut rng, buf, 0, total, max_segments);
-    let mut at = 0;
-    for segment in &write_segments {
-        let buf_offset = segment.iov_base as usize - buf.ptr(0, 0) as usize;
-        buf.copy_in(buf_offset, &data[at..at + segment.iov_len]);
-        at += segment.iov_len;
-    }
-    queue.writev(
-        offset,
-        write_segments.as_ptr(),
-        write_segments.len() as u32,
-        7,
-        ReqFlags::empty(),
-    );
-    let done = wait(queue, 1);
-    expect_ok(
-        done[0].ret,
-        &format!("writev of {} odd segments", write_segments.len()),
-    );
+    vectored_round_trip(queue, buf, offset, &data, &write_pieces, &read_pieces);
     model.write(offset, total as u64, seed);
-
-    let read_base = buf.len() / 2;
-    buf.fill(read_base, buf.len() / 2, 0xA5);
-    let read_segments = odd_segments(&mut rng, buf, read_base, total, max_segments);
-    queue.readv(
-        offset,
-        read_segments.as_ptr(),
-        read_segments.len() as u32,
-        8,
-        ReqFlags::empty(),
-    );
-    let done = wait(queue, 1);
-    expect_ok(
-        done[0].ret,
-        &format!("readv of {} odd segments", read_segments.len()),
-    );
-    let mut gathered = Vec::with_capacity(total);
-    for segment in &read_segments {
-        let buf_offset = segment.iov_base as usize - buf.ptr(0, 0) as usize;
-        gathered.extend_from_slice(&buf.copy_out(buf_offset, segment.iov_len));
-    }
-    if let Err(report) = model.check(offset, &gathered, "readv into odd segments") {
-        panic!("{report}");
-    }
-    let plain = read_vec(queue, buf, offset, total);
-    if let Err(report) = model.check(offset, &plain, "plain read after an odd-segment writev") {
-        panic!("{report}");
-    }
 }
 
 #[test]
@@ -648,55 +654,23 @@ fn large_round_trip(client: &mut Client, offset: u64, len: usize) {
     }
 }
 
-/// Writes and reads `segments` segments of one sector each at odd addresses.
+/// Writes and reads back `segments` segments of one sector each at odd addresses.
 fn max_segments_round_trip(client: &mut Client, offset: u64, segments: usize) {
     let (queue, buf) = client.queue(0);
-    let data = pattern(offset, segments * SECTOR as usize, 0x5E6);
-    let stride = SECTOR as usize + 5;
-    let iovecs = |base: usize| -> Vec<libc::iovec> {
+    let sector = SECTOR as usize;
+    let pieces = |base: usize| -> Vec<(usize, usize)> {
         (0..segments)
-            .map(|index| libc::iovec {
-                iov_base: buf.ptr(base + 1 + index * stride, SECTOR as usize).cast(),
-                iov_len: SECTOR as usize,
-            })
+            .map(|index| (base + 1 + index * (sector + 5), sector))
             .collect()
     };
-    let write_segments = iovecs(0);
-    for (index, chunk) in data.chunks(SECTOR as usize).enumerate() {
-        buf.copy_in(1 + index * stride, chunk);
-    }
-    queue.writev(
+    let data = pattern(offset, segments * sector, 0x5E6);
+    vectored_round_trip(
+        queue,
+        buf,
         offset,
-        write_segments.as_ptr(),
-        segments as u32,
-        1,
-        ReqFlags::empty(),
-    );
-    expect_ok(
-        wait(queue, 1)[0].ret,
-        &format!("writev with {segments} segments (seg_max)"),
-    );
-    let read_base = buf.len() / 2;
-    buf.fill(read_base, buf.len() / 2, 0xA5);
-    let read_segments = iovecs(read_base);
-    queue.readv(
-        offset,
-        read_segments.as_ptr(),
-        segments as u32,
-        2,
-        ReqFlags::empty(),
-    );
-    expect_ok(
-        wait(queue, 1)[0].ret,
-        &format!("readv with {segments} segments (seg_max)"),
-    );
-    let mut gathered = Vec::new();
-    for index in 0..segments {
-        gathered.extend_from_slice(&buf.copy_out(read_base + 1 + index * stride, SECTOR as usize));
-    }
-    assert!(
-        gathered == data,
-        "readv with {segments} segments returned other data"
+        &data,
+        &pieces(0),
+        &pieces(buf.len() / 2),
     );
 }
 
@@ -771,15 +745,11 @@ fn null_backend_limits_follow_queue_size() {
         );
         // The null backend keeps no data, so only the status is checked.
         let (queue, buf) = client.queue(1);
-        let segments: Vec<libc::iovec> = (0..126)
-            .map(|index| libc::iovec {
-                iov_base: buf.ptr(1 + index * 600, 512).cast(),
-                iov_len: 512,
-            })
-            .collect();
-        queue.readv(MIB, segments.as_ptr(), 126, 1, ReqFlags::empty());
+        let pieces: Vec<(usize, usize)> = (0..126).map(|index| (1 + index * 600, 512)).collect();
+        let iovecs = buf.iovecs(&pieces);
+        queue.readv(MIB, iovecs.as_ptr(), 126, 1, ReqFlags::empty());
         expect_ok(
-            wait(queue, 1)[0].ret,
+            wait_one(queue, 1),
             "readv with seg_max segments on the null backend",
         );
         expect_err(

@@ -220,6 +220,35 @@ impl SharedBuf {
         out
     }
 
+    /// iovecs for `pieces` given as (offset in this buffer, length).
+    pub fn iovecs(&self, pieces: &[(usize, usize)]) -> Vec<blkio::iovec> {
+        pieces
+            .iter()
+            .map(|&(offset, len)| blkio::iovec {
+                iov_base: self.ptr(offset, len).cast(),
+                iov_len: len,
+            })
+            .collect()
+    }
+
+    /// Copies `data` into `pieces` in order; their lengths must add up to `data.len()`.
+    pub fn scatter(&self, pieces: &[(usize, usize)], data: &[u8]) {
+        let mut at = 0;
+        for &(offset, len) in pieces {
+            self.copy_in(offset, &data[at..at + len]);
+            at += len;
+        }
+        assert_eq!(at, data.len(), "pieces do not cover the data");
+    }
+
+    /// Concatenates the contents of `pieces`.
+    pub fn gather(&self, pieces: &[(usize, usize)]) -> Vec<u8> {
+        pieces
+            .iter()
+            .flat_map(|&(offset, len)| self.copy_out(offset, len))
+            .collect()
+    }
+
     pub fn fill(&self, offset: usize, len: usize, byte: u8) {
         let dst = self.ptr(offset, len);
         // SAFETY: `ptr` checked the range lies inside the live mapped region.
@@ -261,8 +290,8 @@ pub fn wait(queue: &mut Blkioq, min: usize) -> Vec<Done> {
         .collect()
 }
 
-/// Waits for exactly one completion when exactly one request is in flight.
-fn wait_one(queue: &mut Blkioq, user_data: usize) -> i32 {
+/// Waits for the completion of the only request in flight, submitted with `user_data`.
+pub fn wait_one(queue: &mut Blkioq, user_data: usize) -> i32 {
     let done = wait(queue, 1);
     assert_eq!(done.len(), 1, "one request in flight, got {done:?}");
     assert_eq!(
