@@ -484,9 +484,9 @@ impl VhostUserBackend for BlkBackend {
             let queue = inner.masks[thread_id].trailing_zeros() as usize + local;
             // Queues of a thread are contiguous (see queue_masks).
             t.drain_queue(inner, &vrings[local], local, queue as u16);
-        } else if device_event != completion_event(inner.device.num_queues as usize)
-            && local >= vrings.len()
-        {
+        } else if device_event == completion_event(inner.device.num_queues as usize) {
+            t.engine.clear_eventfd();
+        } else if local >= vrings.len() {
             log::warn!("iothread {thread_id}: unexpected event {device_event}");
         }
         loop {
