@@ -288,7 +288,11 @@ impl Engine {
             RequestKind::Read | RequestKind::Write => {
                 f.req.data_len == 0 || self.backend.kind() == BackendKind::Null
             }
-            _ => self.backend.kind() == BackendKind::Null,
+            // Zero-sector segments are valid and dropped by the parser: nothing left to do.
+            RequestKind::Discard | RequestKind::WriteZeroes => {
+                f.req.ranges.is_empty() || self.backend.kind() == BackendKind::Null
+            }
+            RequestKind::Flush => self.backend.kind() == BackendKind::Null,
         };
         if inline {
             self.complete_request(key);

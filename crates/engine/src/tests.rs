@@ -449,3 +449,16 @@ fn pool_exhaustion_is_backpressure_not_allocation() {
     assert!(e.take_request().is_some());
     assert_eq!(e.stats()[0].malformed, 64);
 }
+
+#[test]
+fn a_discard_with_no_ranges_left_completes_at_once() {
+    let mut fx = fixture(false);
+    let mut st = 0;
+    let r = request(&mut fx.engine, RequestKind::Discard, 0, &mut [], &mut st);
+    fx.engine.enqueue(r, 0, 4);
+    fx.engine.submit().unwrap();
+    let c: Vec<_> = fx.engine.take_completions().collect();
+    assert_eq!(c.len(), 1, "must not wait for an op that was never issued");
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(fx.engine.in_flight(), 0);
+}
