@@ -11,9 +11,9 @@ mod common;
 use blkio::{Blkioq, ReqFlags};
 use blkio_support::workload::{self, Params};
 use blkio_support::{
-    allocated_bytes, check_file, connect, describe_ret, discard, flush, pattern, read_at, read_vec,
-    wait, wait_one, within, write_at, write_slice, write_zeroes, Client, ClientOptions, DiskModel,
-    Rng, SharedBuf, MIB, SECTOR,
+    allocated_bytes, check_file, check_old_or_new, connect, describe_ret, discard, flush, pattern,
+    read_at, read_vec, wait, wait_one, within, write_at, write_slice, write_zeroes, Client,
+    ClientOptions, DiskModel, Rng, SharedBuf, MIB, SECTOR,
 };
 use common::ServerProcess;
 use std::path::{Path, PathBuf};
@@ -91,19 +91,20 @@ fn write_pattern(client: &mut Client, model: &mut DiskModel, offset: u64, len: u
     model.write(offset, len as u64, seed);
 }
 
-/// The integrity workload on 2 queues served by 2 iothreads, then the whole disk read back
-/// through the server, then (after SIGTERM) the image file read with std::fs.
-fn integrity_run(extra_args: &[&str], logical_block: u64) {
+/// The integrity workload on `queues` queues served by `iothreads` iothreads, then the whole
+/// disk read back through the server, then (after SIGTERM) the image file read with std::fs.
+fn integrity_run(queues: usize, iothreads: usize, extra_args: &[&str], logical_block: u64) {
     let image = Image::new();
+    let (queues_arg, iothreads_arg) = (queues.to_string(), iothreads.to_string());
     let mut args = vec![
         "--image",
         image.arg(),
         "--create",
         "64M",
         "--queues",
-        "2",
+        &queues_arg,
         "--iothreads",
-        "2",
+        &iothreads_arg,
     ];
     args.extend_from_slice(extra_args);
     let server = ServerProcess::start(&args);
@@ -111,8 +112,8 @@ fn integrity_run(extra_args: &[&str], logical_block: u64) {
     let model = within(TEST_DEADLINE, "data integrity workload", move || {
         let params = Params::new(logical_block);
         let opts = ClientOptions {
-            num_queues: 2,
-            buf_size: params.buffer_bytes(2),
+            num_queues: queues as i32,
+            buf_size: params.buffer_bytes(queues),
             ..ClientOptions::default()
         };
         let mut client = Client::connect(&socket, &opts);
@@ -122,30 +123,24 @@ fn integrity_run(extra_args: &[&str], logical_block: u64) {
             "capacity differs from --create 64M"
         );
         assert_eq!(
-            client.prop_i32("max-queues"),
-            2,
-            "max-queues differs from --queues 2"
+            client.prop_i32("max-queues") as usize,
+            queues,
+            "max-queues differs from --queues"
         );
         assert_eq!(
             client.prop_i32("request-alignment") as u64,
             logical_block,
             "request alignment (blk_size) differs from the logical block size"
         );
-        let model = workload::run(&mut client, &params);
+        let mut model = workload::run(&mut client, &params);
         assert!(
             model.written_sectors() > 10_000,
             "workload wrote too little to mean anything"
         );
         workload::verify_disk(&mut client, &model);
         // Guest buffers at odd addresses in odd-sized segments (bounce-buffer path).
-        let mut model = model;
-        scattered_round_trip(
-            &mut client,
-            &mut model,
-            40 * MIB + 3 * logical_block,
-            16 * 1024,
-            logical_block,
-        );
+        let offset = 40 * MIB + 3 * logical_block;
+        scattered_round_trip(&mut client, &mut model, offset, 16 * 1024, logical_block);
         model
     });
     stop(server);
@@ -154,17 +149,22 @@ fn integrity_run(extra_args: &[&str], logical_block: u64) {
 
 #[test]
 fn data_integrity_two_queues_two_iothreads_direct() {
-    integrity_run(&[], 512);
+    integrity_run(2, 2, &[], 512);
+}
+
+#[test]
+fn data_integrity_four_queues_on_two_iothreads() {
+    integrity_run(4, 2, &[], 512);
 }
 
 #[test]
 fn data_integrity_buffered() {
-    integrity_run(&["--buffered"], 512);
+    integrity_run(2, 2, &["--buffered"], 512);
 }
 
 #[test]
 fn data_integrity_4k_logical_blocks() {
-    integrity_run(&["--logical-block-size", "4096"], 4096);
+    integrity_run(2, 2, &["--logical-block-size", "4096"], 4096);
 }
 
 /// Splits `total` bytes into pieces of 1..=`longest` bytes (the last one whatever remains) laid
@@ -992,6 +992,79 @@ fn reconnect_to_same_server_keeps_data() {
     );
     stop(server);
     check_file(&image.path, &model);
+}
+
+/// A frontend that goes away with requests in flight (a VM killed mid-I/O) must not take the
+/// server down: the next client is served normally, the cut-off writes left each sector either
+/// old or new, and SIGTERM still exits cleanly.
+#[test]
+fn disconnect_with_requests_in_flight_then_reconnect() {
+    let image = Image::new();
+    let mut server = ServerProcess::start(&[
+        "--image",
+        image.arg(),
+        "--create",
+        "64M",
+        "--queues",
+        "2",
+        "--iothreads",
+        "2",
+    ]);
+    let socket = server.socket.clone();
+    let chunk = 64 * 1024usize;
+    let cut_off = 2 * 32 * chunk;
+    let seeds = [60, 61, 62];
+    let model = within(TEST_DEADLINE, "disconnect mid-I/O", move || {
+        for seed in seeds {
+            session(&socket, 2, |client| {
+                for index in 0..2 {
+                    let (queue, buf) = client.queue(index);
+                    for slot in 0..32 {
+                        let at = (index * 32 + slot) * chunk;
+                        buf.copy_in(at, &pattern(at as u64, chunk, seed));
+                        queue.write(
+                            at as u64,
+                            buf.ptr(at, chunk),
+                            chunk,
+                            slot,
+                            ReqFlags::empty(),
+                        );
+                    }
+                    // Submits them; whatever completes by now is not waited for.
+                    for done in wait(queue, 0) {
+                        expect_ok(done.ret, "write completed before the disconnect");
+                    }
+                }
+            });
+        }
+        let mut model = DiskModel::new(DISK);
+        session(&socket, 2, |client| {
+            for index in 0..2 {
+                let offset = (8 + index as u64) * MIB;
+                let (queue, buf) = client.queue(index);
+                write_slice(queue, buf, offset, &pattern(offset, MIB as usize, 70));
+                model.write(offset, MIB, 70);
+                let data = read_vec(queue, buf, offset, MIB as usize);
+                if let Err(report) = model.check(offset, &data, "write after a client vanished") {
+                    panic!("{report}");
+                }
+                let data = read_vec(queue, buf, 0, cut_off);
+                check_old_or_new(&data, 0, &seeds, "writes cut off by a disconnect");
+            }
+        });
+        model
+    });
+    assert!(
+        server.child.try_wait().expect("try_wait").is_none(),
+        "uringblk exited after a frontend vanished mid-I/O"
+    );
+    stop(server);
+    let file = std::fs::read(&image.path).expect("read image");
+    check_old_or_new(&file[..cut_off], 0, &seeds, "image file, cut-off writes");
+    let rest = &file[cut_off..];
+    if let Err(report) = model.check(cut_off as u64, rest, "image file after the cut-off range") {
+        panic!("{report}");
+    }
 }
 
 #[test]

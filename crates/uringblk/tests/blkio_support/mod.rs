@@ -558,6 +558,26 @@ pub fn check_file(path: &Path, model: &DiskModel) {
     }
 }
 
+/// For ranges whose writes were cut off by a disconnect: every sector of `data` (read from disk
+/// byte `offset`) must hold zeros or the pattern of one of `seeds` for its own LBA, never
+/// anything else (garbage, or data meant for another place).
+pub fn check_old_or_new(data: &[u8], offset: u64, seeds: &[u64], what: &str) {
+    let mut candidate = vec![0u8; SECTOR as usize];
+    for (index, sector) in data.chunks_exact(SECTOR as usize).enumerate() {
+        let lba = offset / SECTOR + index as u64;
+        let known = sector.iter().all(|&b| b == 0)
+            || seeds.iter().any(|&seed| {
+                fill_sector(&mut candidate, lba, seed);
+                candidate == sector
+            });
+        assert!(
+            known,
+            "{what}: sector {lba} holds {}, neither zeros nor a pattern of seeds {seeds:x?}",
+            describe_sector(sector)
+        );
+    }
+}
+
 /// Allocated bytes of a file (st_blocks is in 512-byte units whatever the filesystem).
 pub fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
