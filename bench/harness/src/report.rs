@@ -1,0 +1,752 @@
+//! From raw run records to per-point medians, ratio tables (markdown), latest.json and the
+//! results section of bench/README.md.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clients::ClientKind;
+use crate::machine::MachineInfo;
+use crate::matrix::Phase;
+use crate::record::RunRecord;
+use crate::stats::{ratio, Spread};
+use crate::targets::{Backend, Target};
+
+/// Medians (with min and max) over the repetitions of one point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PointSummary {
+    pub phase: Phase,
+    pub target: Target,
+    pub client: ClientKind,
+    pub job: String,
+    pub queues: u32,
+    pub iothreads: u32,
+    pub server_cpus: Vec<usize>,
+    pub runs_ok: usize,
+    pub runs_failed: usize,
+    pub first_error: Option<String>,
+    pub iops: Option<Spread>,
+    pub mib_per_s: Option<Spread>,
+    pub lat_p50_us: Option<Spread>,
+    pub lat_p99_us: Option<Spread>,
+    pub lat_p99_9_us: Option<Spread>,
+    pub server_cores_busy: Option<Spread>,
+    pub iops_per_server_cpu_s: Option<Spread>,
+}
+
+/// How the runs were made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub mode: String,
+    pub runtime_s: f64,
+    pub ramp_s: f64,
+    pub reps: u32,
+    pub completion: String,
+    pub image: String,
+    pub image_bytes: u64,
+    pub server_cpus: Vec<usize>,
+    pub client_cpus: Vec<usize>,
+    pub targets: Vec<Target>,
+    pub jobs: Vec<String>,
+    pub queue_counts: Vec<u32>,
+    pub scaling: bool,
+}
+
+/// Everything a report is drawn from; saved as bench/results/latest.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub run_id: String,
+    pub date: String,
+    pub raw_file: String,
+    pub settings: Settings,
+    pub machine: MachineInfo,
+    pub points: Vec<PointSummary>,
+}
+
+type PointKey = (Phase, Target, String, u32, u32);
+
+/// Groups records by point (phase, target, job, queues, iothreads), in order of first appearance.
+pub fn summarize(records: &[RunRecord]) -> Vec<PointSummary> {
+    let mut order: Vec<PointKey> = Vec::new();
+    let mut groups: BTreeMap<PointKey, Vec<&RunRecord>> = BTreeMap::new();
+    for r in records {
+        let key = (r.phase, r.target, r.job.name.clone(), r.queues, r.iothreads);
+        if !groups.contains_key(&key) {
+            order.push(key.clone());
+        }
+        groups.entry(key).or_default().push(r);
+    }
+    order
+        .into_iter()
+        .filter_map(|key| {
+            let runs = groups.remove(&key)?;
+            let first = runs.first()?;
+            let good: Vec<&RunRecord> = runs.iter().copied().filter(|r| r.ok()).collect();
+            let spread = |f: &dyn Fn(&RunRecord) -> Option<f64>| {
+                Spread::of(good.iter().filter_map(|r| f(r)))
+            };
+            Some(PointSummary {
+                phase: key.0,
+                target: key.1,
+                client: first.client,
+                job: key.2,
+                queues: key.3,
+                iothreads: key.4,
+                server_cpus: first.server_cpus.clone(),
+                runs_ok: good.len(),
+                runs_failed: runs.len() - good.len(),
+                first_error: runs.iter().find_map(|r| r.error.clone()),
+                iops: spread(&|r| r.measurement.as_ref().map(|m| m.iops)),
+                mib_per_s: spread(&|r| r.measurement.as_ref().map(|m| m.mib_per_s)),
+                lat_p50_us: spread(&|r| r.measurement.as_ref().map(|m| m.lat_p50_us)),
+                lat_p99_us: spread(&|r| r.measurement.as_ref().map(|m| m.lat_p99_us)),
+                lat_p99_9_us: spread(&|r| r.measurement.as_ref().map(|m| m.lat_p99_9_us)),
+                server_cores_busy: spread(&|r| r.server_cores_busy()),
+                iops_per_server_cpu_s: spread(&|r| r.iops_per_server_cpu_s()),
+            })
+        })
+        .collect()
+}
+
+impl Summary {
+    pub fn point(
+        &self,
+        phase: Phase,
+        target: Target,
+        job: &str,
+        queues: u32,
+    ) -> Option<&PointSummary> {
+        self.points
+            .iter()
+            .find(|p| p.phase == phase && p.target == target && p.job == job && p.queues == queues)
+    }
+
+    /// (job, queues) of the matrix, in run order.
+    pub fn matrix_rows(&self) -> Vec<(String, u32)> {
+        let mut rows: Vec<(String, u32)> = Vec::new();
+        for p in self.points.iter().filter(|p| p.phase == Phase::Matrix) {
+            let row = (p.job.clone(), p.queues);
+            if !rows.contains(&row) {
+                rows.push(row);
+            }
+        }
+        // Group by job in matrix order, queues ascending within a job.
+        let job_order: Vec<String> = self.settings.jobs.clone();
+        rows.sort_by_key(|(job, q)| {
+            (
+                job_order
+                    .iter()
+                    .position(|j| j == job)
+                    .unwrap_or(usize::MAX),
+                *q,
+            )
+        });
+        rows
+    }
+
+    fn median(
+        &self,
+        target: Target,
+        job: &str,
+        queues: u32,
+        f: fn(&PointSummary) -> Option<Spread>,
+    ) -> Option<f64> {
+        self.point(Phase::Matrix, target, job, queues)
+            .and_then(f)
+            .map(|s| s.median)
+    }
+}
+
+/// 1234 -> "1.2k", 1234567 -> "1.23M".
+pub fn fmt_count(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+/// Microseconds with a sensible number of digits.
+pub fn fmt_us(x: f64) -> String {
+    if x < 100.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+pub fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "n/a".into(), |r| format!("{r:.2}×"))
+}
+
+fn fmt_spread(s: Option<Spread>, f: fn(f64) -> String) -> String {
+    match s {
+        Some(s) if s.samples > 1 => format!("{} [{}–{}]", f(s.median), f(s.min), f(s.max)),
+        Some(s) => f(s.median),
+        None => "n/a".into(),
+    }
+}
+
+fn table(out: &mut String, header: &[String], rows: &[Vec<String>]) {
+    let _ = writeln!(out, "| {} |", header.join(" | "));
+    let _ = writeln!(
+        out,
+        "|{}|",
+        header
+            .iter()
+            .enumerate()
+            .map(|(i, _)| if i < 2 { "---" } else { "---:" })
+            .collect::<Vec<_>>()
+            .join("|")
+    );
+    for row in rows {
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+    }
+    out.push('\n');
+}
+
+/// The peer and limit of a uringblk target.
+fn peers(backend: Backend) -> (Target, Target, Option<Target>) {
+    match backend {
+        Backend::File => (Target::UringblkFile, Target::QsdFile, Some(Target::Host)),
+        Backend::Null => (Target::UringblkNull, Target::QsdNull, None),
+    }
+}
+
+pub fn machine_line(m: &MachineInfo) -> String {
+    format!(
+        "{} ({} CPUs online, {} available to the harness), {:.1} GiB RAM, Linux {}",
+        m.cpu_model,
+        m.cpus_online,
+        m.cpus_available.len(),
+        m.memory_gib,
+        m.kernel
+    )
+}
+
+/// One comparison where uringblk loses to qemu-storage-daemon.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shortfall {
+    pub job: String,
+    pub queues: u32,
+    pub backend: Backend,
+    pub what: &'static str,
+    pub ratio: f64,
+}
+
+/// Where uringblk's median is worse than qemu-storage-daemon's: fewer IOPS, or (for the QD1
+/// latency job) a higher p99.
+pub fn shortfalls(summary: &Summary) -> Vec<Shortfall> {
+    let mut found = Vec::new();
+    for (job, q) in summary.matrix_rows() {
+        for backend in [Backend::File, Backend::Null] {
+            let (ours, peer, _) = peers(backend);
+            let iops = ratio(
+                summary.median(ours, &job, q, |p| p.iops),
+                summary.median(peer, &job, q, |p| p.iops),
+            );
+            if let Some(r) = iops.filter(|r| *r < 1.0) {
+                found.push(Shortfall {
+                    job: job.clone(),
+                    queues: q,
+                    backend,
+                    what: "IOPS",
+                    ratio: r,
+                });
+            }
+            if job.ends_with("-qd1") {
+                let p99 = ratio(
+                    summary.median(ours, &job, q, |p| p.lat_p99_us),
+                    summary.median(peer, &job, q, |p| p.lat_p99_us),
+                );
+                if let Some(r) = p99.filter(|r| *r > 1.0) {
+                    found.push(Shortfall {
+                        job: job.clone(),
+                        queues: q,
+                        backend,
+                        what: "p99 latency",
+                        ratio: r,
+                    });
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The tables, in markdown. `image_prefix` is prepended to chart file names (`None`: no charts).
+pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String {
+    let s = &summary.settings;
+    let m = &summary.machine;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Run `{}` ({} mode), {}. Machine: {}. Image: {} MiB file `{}` on {}. \
+         Server pinned to CPU {}, client to CPU {}; {} × {:.1} s per point after a {:.1} s ramp; \
+         one server iothread. Clients: `uringblk-loadgen` (libblkio virtio-blk-vhost-user, {} \
+         completions, no VM) for uringblk and qemu-storage-daemon; fio {} (`ioengine=io_uring, \
+         direct=1`) for host. {}; uringblk {}. Load average {} at start, {} at end. \
+         Raw runs: `{}`.\n",
+        summary.run_id,
+        s.mode,
+        summary.date,
+        machine_line(m),
+        s.image_bytes >> 20,
+        s.image,
+        m.image_filesystem,
+        crate::targets::cpu_list(&s.server_cpus),
+        crate::targets::cpu_list(&s.client_cpus),
+        s.reps,
+        s.runtime_s,
+        s.ramp_s,
+        s.completion,
+        m.fio_version,
+        m.qsd_version,
+        m.uringblk_revision,
+        m.loadavg_start,
+        m.loadavg_end,
+        summary.raw_file,
+    );
+    if let Some(prefix) = image_prefix {
+        let _ = writeln!(out, "![IOPS per job and target]({prefix}iops.png)\n");
+        let _ = writeln!(out, "![Latency per job and target]({prefix}latency.png)\n");
+    }
+
+    let rows = summary.matrix_rows();
+    let has = |t: Target| s.targets.contains(&t);
+    let cols: Vec<Target> = Target::ALL.iter().copied().filter(|t| has(*t)).collect();
+    let iops_cell = |t: Target, job: &str, q: u32| {
+        fmt_spread(
+            summary.point(Phase::Matrix, t, job, q).and_then(|p| p.iops),
+            fmt_count,
+        )
+    };
+    let r = |a: Target, b: Target, job: &str, q: u32, f: fn(&PointSummary) -> Option<Spread>| {
+        fmt_ratio(ratio(
+            summary.median(a, job, q, f),
+            summary.median(b, job, q, f),
+        ))
+    };
+
+    // IOPS and the ratios the issue asks for.
+    let _ = writeln!(out, "#### IOPS: median [min–max] of {} runs\n", s.reps);
+    let header: Vec<String> = [
+        "job",
+        "queues",
+        "uringblk file",
+        "qsd file",
+        "host",
+        "**uringblk / qsd**",
+        "**uringblk / host**",
+        "uringblk null",
+        "qsd null",
+        "**uringblk / qsd (null)**",
+    ]
+    .map(String::from)
+    .to_vec();
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(job, q)| {
+            vec![
+                job.clone(),
+                q.to_string(),
+                iops_cell(Target::UringblkFile, job, *q),
+                iops_cell(Target::QsdFile, job, *q),
+                iops_cell(Target::Host, job, *q),
+                r(Target::UringblkFile, Target::QsdFile, job, *q, |p| p.iops),
+                r(Target::UringblkFile, Target::Host, job, *q, |p| p.iops),
+                iops_cell(Target::UringblkNull, job, *q),
+                iops_cell(Target::QsdNull, job, *q),
+                r(Target::UringblkNull, Target::QsdNull, job, *q, |p| p.iops),
+            ]
+        })
+        .collect();
+    table(&mut out, &header, &body);
+
+    // Latency.
+    let _ = writeln!(
+        out,
+        "#### Latency, µs: p50 / p99 / p99.9 (medians of the runs); ratio = uringblk p99 / qsd p99 (lower is better)\n"
+    );
+    let mut header: Vec<String> = vec!["job".into(), "queues".into()];
+    header.extend(cols.iter().map(|t| t.name().to_string()));
+    header.extend(["p99 ratio file".into(), "p99 ratio null".into()]);
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(job, q)| {
+            let mut row = vec![job.clone(), q.to_string()];
+            row.extend(
+                cols.iter()
+                    .map(|t| match summary.point(Phase::Matrix, *t, job, *q) {
+                        Some(p) => match (p.lat_p50_us, p.lat_p99_us, p.lat_p99_9_us) {
+                            (Some(a), Some(b), Some(c)) => format!(
+                                "{} / {} / {}",
+                                fmt_us(a.median),
+                                fmt_us(b.median),
+                                fmt_us(c.median)
+                            ),
+                            _ => "n/a".into(),
+                        },
+                        None => "n/a".into(),
+                    }),
+            );
+            row.push(r(Target::UringblkFile, Target::QsdFile, job, *q, |p| {
+                p.lat_p99_us
+            }));
+            row.push(r(Target::UringblkNull, Target::QsdNull, job, *q, |p| {
+                p.lat_p99_us
+            }));
+            row
+        })
+        .collect();
+    table(&mut out, &header, &body);
+
+    // Bandwidth.
+    let _ = writeln!(out, "#### Throughput, MiB/s (median)\n");
+    let mut header: Vec<String> = vec!["job".into(), "queues".into()];
+    header.extend(cols.iter().map(|t| t.name().to_string()));
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(job, q)| {
+            let mut row = vec![job.clone(), q.to_string()];
+            row.extend(cols.iter().map(|t| {
+                summary
+                    .median(*t, job, *q, |p| p.mib_per_s)
+                    .map_or_else(|| "n/a".into(), |v| format!("{v:.0}"))
+            }));
+            row
+        })
+        .collect();
+    table(&mut out, &header, &body);
+
+    // Efficiency.
+    let _ = writeln!(
+        out,
+        "#### Server CPU: cores busy during the measured window, and IOPS per server CPU-second (medians)\n"
+    );
+    let header: Vec<String> = [
+        "job",
+        "queues",
+        "uringblk file",
+        "qsd file",
+        "**ratio file**",
+        "uringblk null",
+        "qsd null",
+        "**ratio null**",
+    ]
+    .map(String::from)
+    .to_vec();
+    let cpu_cell = |t: Target, job: &str, q: u32| match summary.point(Phase::Matrix, t, job, q) {
+        Some(p) => match (p.server_cores_busy, p.iops_per_server_cpu_s) {
+            (Some(c), Some(e)) => format!("{:.2} cores, {}", c.median, fmt_count(e.median)),
+            _ => "n/a".into(),
+        },
+        None => "n/a".into(),
+    };
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(job, q)| {
+            vec![
+                job.clone(),
+                q.to_string(),
+                cpu_cell(Target::UringblkFile, job, *q),
+                cpu_cell(Target::QsdFile, job, *q),
+                r(Target::UringblkFile, Target::QsdFile, job, *q, |p| {
+                    p.iops_per_server_cpu_s
+                }),
+                cpu_cell(Target::UringblkNull, job, *q),
+                cpu_cell(Target::QsdNull, job, *q),
+                r(Target::UringblkNull, Target::QsdNull, job, *q, |p| {
+                    p.iops_per_server_cpu_s
+                }),
+            ]
+        })
+        .collect();
+    table(&mut out, &header, &body);
+
+    // Where uringblk loses.
+    let losses = shortfalls(summary);
+    let _ = writeln!(
+        out,
+        "#### Where uringblk is behind qemu-storage-daemon in this run\n"
+    );
+    if losses.is_empty() {
+        let _ = writeln!(
+            out,
+            "Nowhere: uringblk's median is at least qemu-storage-daemon's on every job.\n"
+        );
+    } else {
+        for l in &losses {
+            let _ = writeln!(
+                out,
+                "- {} q{} ({:?}): {} ratio {:.2}",
+                l.job, l.queues, l.backend, l.what, l.ratio
+            );
+        }
+        out.push('\n');
+    }
+
+    render_scaling(&mut out, summary, image_prefix);
+    render_failures(&mut out, summary);
+    out
+}
+
+fn render_scaling(out: &mut String, summary: &Summary, image_prefix: Option<&str>) {
+    let points: Vec<&PointSummary> = summary
+        .points
+        .iter()
+        .filter(|p| p.phase == Phase::Scaling)
+        .collect();
+    let _ = writeln!(
+        out,
+        "#### Per-core scaling (iothreads = queues, randread 4k QD32 per queue)\n"
+    );
+    if points.is_empty() {
+        let _ = writeln!(out, "Not run in this mode (`bench/run.sh full` runs it).\n");
+        return;
+    }
+    if let Some(prefix) = image_prefix {
+        let _ = writeln!(out, "![Scaling]({prefix}scaling.png)\n");
+    }
+    let header: Vec<String> = [
+        "target",
+        "iothreads",
+        "server CPUs",
+        "IOPS",
+        "IOPS per server core",
+        "IOPS per server CPU-s",
+        "cores busy",
+        "p99 µs",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut sorted = points.clone();
+    sorted.sort_by_key(|p| (p.target.backend() == Backend::Null, p.target, p.iothreads));
+    let body: Vec<Vec<String>> = sorted
+        .iter()
+        .map(|p| {
+            let per_core = p.iops.map(|s| s.median / p.server_cpus.len().max(1) as f64);
+            vec![
+                p.target.name().to_string(),
+                p.iothreads.to_string(),
+                crate::targets::cpu_list(&p.server_cpus),
+                fmt_spread(p.iops, fmt_count),
+                per_core.map_or_else(|| "n/a".into(), fmt_count),
+                p.iops_per_server_cpu_s
+                    .map_or_else(|| "n/a".into(), |s| fmt_count(s.median)),
+                p.server_cores_busy
+                    .map_or_else(|| "n/a".into(), |s| format!("{:.2}", s.median)),
+                p.lat_p99_us
+                    .map_or_else(|| "n/a".into(), |s| fmt_us(s.median)),
+            ]
+        })
+        .collect();
+    table(out, &header, &body);
+}
+
+fn render_failures(out: &mut String, summary: &Summary) {
+    let failed: Vec<&PointSummary> = summary
+        .points
+        .iter()
+        .filter(|p| p.runs_failed > 0)
+        .collect();
+    if failed.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "#### Failed runs\n");
+    for p in failed {
+        let _ = writeln!(
+            out,
+            "- {} {} q{} t{}: {} of {} runs failed; first error: {}",
+            p.target,
+            p.job,
+            p.queues,
+            p.iothreads,
+            p.runs_failed,
+            p.runs_failed + p.runs_ok,
+            p.first_error.as_deref().unwrap_or("?").replace('\n', " ")
+        );
+    }
+    out.push('\n');
+}
+
+pub const RESULTS_BEGIN: &str =
+    "<!-- BEGIN RESULTS (generated by uringblk-bench; edits here are overwritten) -->";
+pub const RESULTS_END: &str = "<!-- END RESULTS -->";
+
+/// Replaces the text between the result markers of `readme` with `section` (markers appended
+/// at the end if absent).
+pub fn replace_results_section(readme: &str, section: &str) -> String {
+    let block = format!("{RESULTS_BEGIN}\n{}\n{RESULTS_END}", section.trim_end());
+    match (readme.find(RESULTS_BEGIN), readme.find(RESULTS_END)) {
+        (Some(begin), Some(end)) if begin < end => {
+            let after = end + RESULTS_END.len();
+            format!("{}{block}{}", &readme[..begin], &readme[after..])
+        }
+        _ => format!("{}\n\n{block}\n", readme.trim_end()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::sample_record;
+
+    fn machine() -> MachineInfo {
+        MachineInfo {
+            cpu_model: "AMD EPYC".into(),
+            cpus_online: 2,
+            cpus_available: vec![0, 1],
+            kernel: "6.1".into(),
+            memory_gib: 23.5,
+            image_filesystem: "/dev/vda ext4".into(),
+            fio_version: "fio-3.33".into(),
+            qsd_version: "qemu-storage-daemon version 7.2".into(),
+            uringblk_revision: "abc123".into(),
+            loadavg_start: "0.1 0.2 0.3".into(),
+            loadavg_end: "0.4 0.5 0.6".into(),
+        }
+    }
+
+    fn settings(targets: Vec<Target>) -> Settings {
+        Settings {
+            mode: "quick".into(),
+            runtime_s: 1.0,
+            ramp_s: 0.5,
+            reps: 3,
+            completion: "blocking".into(),
+            image: "/img".into(),
+            image_bytes: 1 << 30,
+            server_cpus: vec![1],
+            client_cpus: vec![0],
+            targets,
+            jobs: vec!["randread-4k-qd1".into()],
+            queue_counts: vec![1],
+            scaling: false,
+        }
+    }
+
+    fn records(target: Target, iops: &[f64]) -> Vec<RunRecord> {
+        iops.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let mut r = sample_record(target, v, Some((0.5, 1.0)));
+                r.rep = i as u32 + 1;
+                if let Some(m) = r.measurement.as_mut() {
+                    m.lat_p99_us = 1e6 / v;
+                }
+                r
+            })
+            .collect()
+    }
+
+    fn summary_of(records: Vec<RunRecord>, targets: Vec<Target>) -> Summary {
+        Summary {
+            run_id: "20260101T000000Z-quick".into(),
+            date: "2026-01-01T00:00:00Z".into(),
+            raw_file: "bench/results/raw/x.jsonl".into(),
+            settings: settings(targets),
+            machine: machine(),
+            points: summarize(&records),
+        }
+    }
+
+    #[test]
+    fn summary_takes_medians_per_point_and_counts_failures() {
+        let mut recs = records(Target::QsdFile, &[100.0, 300.0, 200.0]);
+        let mut failed = sample_record(Target::QsdFile, 0.0, None);
+        failed.measurement = None;
+        failed.error = Some("boom".into());
+        recs.push(failed);
+        recs.extend(records(Target::Host, &[1000.0]));
+        let points = summarize(&recs);
+        assert_eq!(points.len(), 2);
+        let qsd = &points[0];
+        assert_eq!(qsd.target, Target::QsdFile);
+        assert_eq!((qsd.runs_ok, qsd.runs_failed), (3, 1));
+        assert_eq!(qsd.first_error.as_deref(), Some("boom"));
+        let iops = qsd.iops.unwrap();
+        assert_eq!((iops.median, iops.min, iops.max), (200.0, 100.0, 300.0));
+        assert_eq!(qsd.server_cores_busy.unwrap().median, 0.5);
+        assert_eq!(qsd.iops_per_server_cpu_s.unwrap().median, 400.0);
+        assert_eq!(points[1].iops.unwrap().samples, 1);
+    }
+
+    #[test]
+    fn table_shows_ratios_against_qsd_and_host() {
+        let mut recs = records(Target::UringblkFile, &[150.0, 160.0, 170.0]);
+        recs.extend(records(Target::QsdFile, &[100.0, 80.0, 120.0]));
+        recs.extend(records(Target::Host, &[200.0, 200.0, 200.0]));
+        let summary = summary_of(
+            recs,
+            vec![Target::UringblkFile, Target::QsdFile, Target::Host],
+        );
+        let md = render_markdown(&summary, None);
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| randread-4k-qd1 | 1 | 160 [150–170]"))
+            .unwrap_or_else(|| panic!("no IOPS row in:\n{md}"));
+        // 160 / 100 and 160 / 200; the null columns have no data.
+        assert!(row.contains("| 1.60× | 0.80× |"), "{row}");
+        assert!(row.ends_with("| n/a | n/a | n/a |"), "{row}");
+        assert!(
+            md.contains("Nowhere: uringblk's median is at least"),
+            "{md}"
+        );
+        assert!(md.contains("Not run in this mode"));
+    }
+
+    #[test]
+    fn slower_jobs_are_called_out() {
+        let mut recs = records(Target::UringblkNull, &[90.0]);
+        recs.extend(records(Target::QsdNull, &[100.0]));
+        let summary = summary_of(recs, vec![Target::UringblkNull, Target::QsdNull]);
+        let found = shortfalls(&summary);
+        // Fewer IOPS, and (latency = 1e6 / IOPS in these records) a higher QD1 p99.
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].what, "IOPS");
+        assert!((found[0].ratio - 0.9).abs() < 1e-9);
+        assert_eq!(found[1].what, "p99 latency");
+        let md = render_markdown(&summary, None);
+        assert!(
+            md.contains("- randread-4k-qd1 q1 (Null): IOPS ratio 0.90"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn readme_section_is_replaced_between_markers_only() {
+        let readme = format!("# Title\nintro\n{RESULTS_BEGIN}\nold table\n{RESULTS_END}\nafter\n");
+        let new = replace_results_section(&readme, "new table\n");
+        assert_eq!(
+            new,
+            format!("# Title\nintro\n{RESULTS_BEGIN}\nnew table\n{RESULTS_END}\nafter\n")
+        );
+        // Idempotent, and markers are added when missing.
+        assert_eq!(replace_results_section(&new, "new table"), new);
+        let appended = replace_results_section("# Only a title\n", "t");
+        assert!(appended.starts_with("# Only a title\n\n"));
+        assert!(appended.contains(&format!("{RESULTS_BEGIN}\nt\n{RESULTS_END}")));
+    }
+
+    #[test]
+    fn number_formats() {
+        assert_eq!(fmt_count(999.4), "999");
+        assert_eq!(fmt_count(12_345.0), "12.3k");
+        assert_eq!(fmt_count(1_234_567.0), "1.23M");
+        assert_eq!(fmt_us(5.54), "5.5");
+        assert_eq!(fmt_us(1234.4), "1234");
+        assert_eq!(fmt_ratio(Some(1.234)), "1.23×");
+        assert_eq!(fmt_ratio(None), "n/a");
+    }
+
+    #[test]
+    fn summary_round_trips_through_json() {
+        let summary = summary_of(records(Target::Host, &[1.0, 2.0]), vec![Target::Host]);
+        let text = serde_json::to_string_pretty(&summary).unwrap();
+        assert_eq!(serde_json::from_str::<Summary>(&text).unwrap(), summary);
+    }
+}

@@ -1,0 +1,236 @@
+//! Executes a plan: for each run, start the target's server, run the client, stop the server,
+//! and append the record to the raw JSON lines file.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use serde_json::Value;
+use uringblk_loadgen::CompletionMode;
+
+use crate::clients::{self, ClientKind, ClientOutcome, Timing};
+use crate::matrix::{Phase, RunSpec};
+use crate::record::RunRecord;
+use crate::targets::{server_command, ServerProcess, ServerSetup};
+use crate::BenchError;
+
+/// Programs, files and pinning shared by every run.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub run_id: String,
+    pub uringblk: PathBuf,
+    pub qsd: PathBuf,
+    pub fio: PathBuf,
+    pub loadgen: PathBuf,
+    pub image: PathBuf,
+    pub image_size: u64,
+    pub client_cpus: Vec<usize>,
+    pub completion: CompletionMode,
+    /// Sockets and server logs.
+    pub workdir: PathBuf,
+}
+
+/// One planned run and how long it lasts.
+#[derive(Debug, Clone)]
+pub struct PlannedRun {
+    pub spec: RunSpec,
+    pub timing: Timing,
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// Runs one point once. Never fails: a failure is recorded in the returned record.
+pub fn run_one(env: &Environment, planned: &PlannedRun, seq: usize) -> RunRecord {
+    let spec = &planned.spec;
+    let client = match spec.target.server() {
+        Some(_) => ClientKind::Loadgen,
+        None => ClientKind::HostFio,
+    };
+    let mut record = RunRecord {
+        run_id: env.run_id.clone(),
+        seq,
+        phase: spec.phase,
+        target: spec.target,
+        client,
+        job: spec.job.clone(),
+        queues: spec.queues,
+        iothreads: spec.iothreads,
+        server_cpus: spec.server_cpus.clone(),
+        client_cpus: env.client_cpus.clone(),
+        rep: spec.rep,
+        started_at: now_rfc3339(),
+        measurement: None,
+        server_cpu: None,
+        error: None,
+        warnings: Vec::new(),
+        server_argv: None,
+        client_argv: Vec::new(),
+        server_stats: None,
+        client_report: Value::Null,
+    };
+    match run_client_and_server(env, planned, seq, &mut record) {
+        Ok(outcome) => {
+            record.measurement = Some(outcome.measurement);
+            record.server_cpu = outcome.server_cpu;
+            record.client_argv = outcome.argv;
+            record.client_report = outcome.raw;
+        }
+        Err(e) => record.error = Some(e.to_string()),
+    }
+    record
+}
+
+fn run_client_and_server(
+    env: &Environment,
+    planned: &PlannedRun,
+    seq: usize,
+    record: &mut RunRecord,
+) -> Result<ClientOutcome, BenchError> {
+    let spec = &planned.spec;
+    let Some(server) = spec.target.server() else {
+        let argv = clients::host_fio_command(
+            &env.fio,
+            &env.image,
+            env.image_size,
+            &spec.job,
+            spec.queues,
+            planned.timing,
+            &env.client_cpus,
+        );
+        record.client_argv = argv.clone();
+        return clients::run_host_fio(argv, planned.timing);
+    };
+    let socket = env.workdir.join(format!("run-{seq}.sock"));
+    // A socket left by a crashed server would make the readiness check pass too early.
+    let _ = std::fs::remove_file(&socket);
+    let setup = ServerSetup {
+        uringblk: &env.uringblk,
+        qsd: &env.qsd,
+        image: &env.image,
+        null_size: env.image_size,
+        socket: &socket,
+        queues: spec.queues,
+        iothreads: spec.iothreads,
+        cpus: &spec.server_cpus,
+    };
+    let server_argv = server_command(server, spec.target.backend(), &setup);
+    record.server_argv = Some(server_argv.clone());
+    let mut process = ServerProcess::start(
+        server_argv,
+        &socket,
+        &env.workdir,
+        &format!("run-{seq}-{}", spec.target),
+    )?;
+    let argv = clients::loadgen_command(
+        &env.loadgen,
+        &socket,
+        &spec.job,
+        spec.queues,
+        planned.timing,
+        env.completion,
+        &env.client_cpus,
+    );
+    record.client_argv = argv.clone();
+    let outcome = clients::run_loadgen(argv, planned.timing, process.pid());
+    let outcome = match (outcome, process.check_alive()) {
+        (Ok(outcome), Ok(())) => outcome,
+        (Err(e), Err(server_gone)) => {
+            return Err(BenchError::Client(format!("{e}; {server_gone}")));
+        }
+        (Err(e), Ok(())) => {
+            return Err(BenchError::Client(format!(
+                "{e} (server log: {})",
+                process.stderr_tail()
+            )))
+        }
+        (Ok(_), Err(server_gone)) => return Err(server_gone),
+    };
+    match process.stop() {
+        Ok((status, stdout)) => {
+            if !status.success() {
+                record
+                    .warnings
+                    .push(format!("server exit after SIGTERM: {status}"));
+            }
+            record.server_stats = serde_json::from_str(stdout.trim()).ok();
+        }
+        Err(e) => record.warnings.push(e.to_string()),
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(outcome)
+}
+
+/// One-line description of a run, as printed in progress lines.
+pub fn describe(spec: &RunSpec) -> String {
+    match spec.phase {
+        Phase::Matrix => format!(
+            "{} {} q{} rep {}",
+            spec.target, spec.job.name, spec.queues, spec.rep
+        ),
+        Phase::Scaling => format!(
+            "scaling {} {} t{} q{} rep {}",
+            spec.target, spec.job.name, spec.iothreads, spec.queues, spec.rep
+        ),
+    }
+}
+
+fn format_eta(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Runs every planned run in order, appending each record to `raw` as soon as it exists and
+/// printing a progress line on stderr.
+pub fn run_plan(
+    env: &Environment,
+    plan: &[PlannedRun],
+    raw_path: &Path,
+) -> Result<Vec<RunRecord>, BenchError> {
+    let mut raw = File::options()
+        .create(true)
+        .append(true)
+        .open(raw_path)
+        .map_err(|e| BenchError::io(raw_path, e))?;
+    let started = Instant::now();
+    let total = plan.len();
+    let mut records = Vec::with_capacity(total);
+    for (index, planned) in plan.iter().enumerate() {
+        let seq = index + 1;
+        let record = run_one(env, planned, seq);
+        let line = serde_json::to_string(&record).map_err(|e| BenchError::Parse(e.to_string()))?;
+        writeln!(raw, "{line}").map_err(|e| BenchError::io(raw_path, e))?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let eta = elapsed / seq as f64 * (total - seq) as f64;
+        let result = match (&record.measurement, &record.error) {
+            (Some(m), None) => format!("{:.0} IOPS", m.iops),
+            (_, Some(e)) => format!("FAILED: {e}"),
+            (None, None) => "no measurement".into(),
+        };
+        eprintln!(
+            "[{seq}/{total}] {}: {result} (eta {})",
+            describe(&planned.spec),
+            format_eta(eta)
+        );
+        records.push(record);
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_is_readable() {
+        assert_eq!(format_eta(5.4), "5s");
+        assert_eq!(format_eta(125.0), "2m05s");
+        assert_eq!(format_eta(-3.0), "0s");
+    }
+}
