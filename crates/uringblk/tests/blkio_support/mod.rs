@@ -2,7 +2,6 @@
 //! crate), the way a real userspace client does: connect with retries, memory shared with the
 //! server, one-request helpers, a deterministic data pattern, a model of what the disk must hold,
 //! and a deadline runner so that a hung server fails a test instead of hanging CI.
-#![allow(dead_code)]
 
 pub mod workload;
 

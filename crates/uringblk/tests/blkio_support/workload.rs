@@ -397,8 +397,3 @@ pub fn verify_disk(client: &mut Client, model: &DiskModel) {
         }
     }
 }
-
-/// Bytes of shared memory `verify_disk` needs for `queues` queues.
-pub fn verify_buffer_bytes(queues: usize) -> usize {
-    queues * VERIFY_DEPTH * VERIFY_CHUNK
-}
