@@ -154,13 +154,14 @@ fn draw_bar_panel(
         .fold(0.0f64, f64::max)
         .max(1.0)
         * 1.15;
-    let n = bars.len().max(1) as i32;
+    // An integer range's segments include both ends: 0..n-1 gives n bars.
+    let last = bars.len().max(1) as i32 - 1;
     let mut chart = ChartBuilder::on(area)
         .caption(caption, (FONT, 19))
         .margin(12)
         .x_label_area_size(28)
         .y_label_area_size(70)
-        .build_cartesian_2d((0..n).into_segmented(), 0f64..y_max)
+        .build_cartesian_2d((0..last).into_segmented(), 0f64..y_max)
         .map_err(chart_err)?;
     let labels: Vec<&'static str> = bars.iter().map(|(t, _, _)| t.name()).collect();
     let y_desc = match metric {

@@ -13,7 +13,7 @@ use uringblk_bench::report::{self, Settings, Summary};
 use uringblk_bench::runner::{self, Environment, PlannedRun};
 use uringblk_bench::targets::{cpu_list, Target};
 use uringblk_bench::{charts, image, machine, BenchError};
-use uringblk_loadgen::spec::{parse_cpu_list, parse_duration, parse_size};
+use uringblk_loadgen::spec::{parse_duration, parse_size, CpuList};
 use uringblk_loadgen::CompletionMode;
 
 #[derive(Parser, Debug)]
@@ -60,11 +60,11 @@ struct Cli {
     #[arg(long, default_value = "1G", value_parser = size_arg)]
     image_size: u64,
     /// CPUs of the server (default: the last available CPU).
-    #[arg(long, value_parser = cpus_arg)]
-    server_cpus: Option<Vec<usize>>,
+    #[arg(long)]
+    server_cpus: Option<CpuList>,
     /// CPUs of the client (default: the first available CPU).
-    #[arg(long, value_parser = cpus_arg)]
-    client_cpus: Option<Vec<usize>>,
+    #[arg(long)]
+    client_cpus: Option<CpuList>,
     /// How the load generator waits for completions.
     #[arg(long, value_enum, default_value = "blocking")]
     completion: CompletionMode,
@@ -101,10 +101,6 @@ fn duration_arg(text: &str) -> Result<Duration, String> {
 
 fn size_arg(text: &str) -> Result<u64, String> {
     parse_size(text).map_err(|e| e.to_string())
-}
-
-fn cpus_arg(text: &str) -> Result<Vec<usize>, String> {
-    parse_cpu_list(text).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -187,10 +183,12 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
     let server_cpus = cli
         .server_cpus
         .clone()
+        .map(|c| c.0)
         .unwrap_or_else(|| available.last().copied().into_iter().collect());
     let client_cpus = cli
         .client_cpus
         .clone()
+        .map(|c| c.0)
         .unwrap_or_else(|| available.first().copied().into_iter().collect());
     for cpu in server_cpus.iter().chain(&client_cpus) {
         if !available.contains(cpu) {
@@ -436,5 +434,66 @@ fn relative_prefix(readme: &Path, results: &Path) -> String {
         Ok(rel) if !rel.as_os_str().is_empty() => format!("{}/", rel.display()),
         Ok(_) => String::new(),
         Err(_) => format!("{}/", results.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::try_parse_from([
+            "uringblk-bench",
+            "--full",
+            "--targets",
+            "qsd-null,host",
+            "--jobs",
+            "randread-4k-qd1",
+            "--queues",
+            "1,2",
+            "--reps",
+            "5",
+            "--runtime",
+            "2s",
+            "--ramp",
+            "1s",
+            "--server-cpus",
+            "2-3",
+            "--client-cpus",
+            "0",
+            "--image-size",
+            "2G",
+            "--no-scaling",
+        ])
+        .unwrap();
+        assert!(cli.full && cli.no_scaling);
+        assert_eq!(cli.targets, Some(vec![Target::QsdNull, Target::Host]));
+        assert_eq!(cli.queues, [1, 2]);
+        assert_eq!(cli.server_cpus, Some(CpuList(vec![2, 3])));
+        assert_eq!(cli.client_cpus, Some(CpuList(vec![0])));
+        assert_eq!(cli.image_size, 2 << 30);
+        assert_eq!(cli.runtime, Some(Duration::from_secs(2)));
+        assert!(Cli::try_parse_from(["uringblk-bench", "--quick", "--full"]).is_err());
+        assert!(Cli::try_parse_from(["uringblk-bench", "--targets", "nope"]).is_err());
+    }
+
+    #[test]
+    fn image_links_are_relative_to_the_readme() {
+        assert_eq!(
+            relative_prefix(Path::new("bench/README.md"), Path::new("bench/results")),
+            "results/"
+        );
+        assert_eq!(
+            relative_prefix(Path::new("/x/README.md"), Path::new("/y/res")),
+            "/y/res/"
+        );
+    }
+
+    #[test]
+    fn run_ids_sort_by_time_and_name_the_mode() {
+        let id = run_id("quick");
+        assert!(id.ends_with("Z-quick"), "{id}");
+        assert!(!id.contains(':'));
     }
 }

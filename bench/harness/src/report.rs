@@ -240,6 +240,12 @@ pub struct Shortfall {
 /// Where uringblk's median is worse than qemu-storage-daemon's: fewer IOPS, or (for the QD1
 /// latency job) a higher p99.
 pub fn shortfalls(summary: &Summary) -> Vec<Shortfall> {
+    comparisons(summary).1
+}
+
+/// (number of uringblk-vs-qsd comparisons possible, the ones uringblk loses).
+fn comparisons(summary: &Summary) -> (usize, Vec<Shortfall>) {
+    let mut compared = 0;
     let mut found = Vec::new();
     for (job, q) in summary.matrix_rows() {
         for backend in [Backend::File, Backend::Null] {
@@ -248,6 +254,7 @@ pub fn shortfalls(summary: &Summary) -> Vec<Shortfall> {
                 summary.median(ours, &job, q, |p| p.iops),
                 summary.median(peer, &job, q, |p| p.iops),
             );
+            compared += usize::from(iops.is_some());
             if let Some(r) = iops.filter(|r| *r < 1.0) {
                 found.push(Shortfall {
                     job: job.clone(),
@@ -262,6 +269,7 @@ pub fn shortfalls(summary: &Summary) -> Vec<Shortfall> {
                     summary.median(ours, &job, q, |p| p.lat_p99_us),
                     summary.median(peer, &job, q, |p| p.lat_p99_us),
                 );
+                compared += usize::from(p99.is_some());
                 if let Some(r) = p99.filter(|r| *r > 1.0) {
                     found.push(Shortfall {
                         job: job.clone(),
@@ -274,7 +282,7 @@ pub fn shortfalls(summary: &Summary) -> Vec<Shortfall> {
             }
         }
     }
-    found
+    (compared, found)
 }
 
 /// The tables, in markdown. `image_prefix` is prepended to chart file names (`None`: no charts).
@@ -287,7 +295,7 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
         "Run `{}` ({} mode), {}. Machine: {}. Image: {} MiB file `{}` on {}. \
          Server pinned to CPU {}, client to CPU {}; {} × {:.1} s per point after a {:.1} s ramp; \
          one server iothread. Clients: `uringblk-loadgen` (libblkio virtio-blk-vhost-user, {} \
-         completions, no VM) for uringblk and qemu-storage-daemon; fio {} (`ioengine=io_uring, \
+         completions, no VM) for uringblk and qemu-storage-daemon; {} (`ioengine=io_uring, \
          direct=1`) for host. {}; uringblk {}. Load average {} at start, {} at end. \
          Raw runs: `{}`.\n",
         summary.run_id,
@@ -468,12 +476,17 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
     table(&mut out, &header, &body);
 
     // Where uringblk loses.
-    let losses = shortfalls(summary);
+    let (compared, losses) = comparisons(summary);
     let _ = writeln!(
         out,
         "#### Where uringblk is behind qemu-storage-daemon in this run\n"
     );
-    if losses.is_empty() {
+    if compared == 0 {
+        let _ = writeln!(
+            out,
+            "No comparison: this run lacks uringblk or qemu-storage-daemon results.\n"
+        );
+    } else if losses.is_empty() {
         let _ = writeln!(
             out,
             "Nowhere: uringblk's median is at least qemu-storage-daemon's on every job.\n"
@@ -697,6 +710,14 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("Not run in this mode"));
+    }
+
+    #[test]
+    fn no_uringblk_results_means_no_verdict() {
+        let summary = summary_of(records(Target::QsdFile, &[100.0]), vec![Target::QsdFile]);
+        let md = render_markdown(&summary, None);
+        assert!(md.contains("No comparison: this run lacks"), "{md}");
+        assert!(!md.contains("Nowhere"));
     }
 
     #[test]

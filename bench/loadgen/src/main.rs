@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use uringblk_loadgen::spec::{parse_cpu_list, parse_duration, parse_size};
+use uringblk_loadgen::spec::{parse_duration, parse_size, CpuList};
 use uringblk_loadgen::{CompletionMode, JobSpec, LoadgenError, RwPattern};
 
 #[derive(Parser, Debug)]
@@ -42,8 +42,8 @@ struct Cli {
     #[arg(long, value_parser = size_arg)]
     size: Option<u64>,
     /// CPUs for the queue threads (queue i on the i-th CPU of the list, cycling), e.g. 0 or 0-1.
-    #[arg(long, value_parser = cpus_arg)]
-    cpus: Option<Vec<usize>>,
+    #[arg(long)]
+    cpus: Option<CpuList>,
     /// Seed of the random offsets.
     #[arg(long, default_value_t = 0x7572_696e_67)]
     seed: u64,
@@ -63,13 +63,8 @@ fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
     parse_duration(text).map_err(|e| e.to_string())
 }
 
-fn cpus_arg(text: &str) -> Result<Vec<usize>, String> {
-    parse_cpu_list(text).map_err(|e| e.to_string())
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let spec = JobSpec {
+fn spec_of(cli: &Cli) -> JobSpec {
+    JobSpec {
         pattern: cli.rw,
         rwmixread: cli.rwmixread,
         block_size: cli.bs,
@@ -79,9 +74,14 @@ fn main() -> ExitCode {
         runtime: cli.runtime,
         ramp: cli.ramp,
         region_size: cli.size,
-        cpus: cli.cpus.unwrap_or_default(),
+        cpus: cli.cpus.clone().map(|c| c.0).unwrap_or_default(),
         seed: cli.seed,
-    };
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let spec = spec_of(&cli);
     match uringblk_loadgen::run(&cli.socket, &spec, cli.phase_markers) {
         Ok(report) => {
             if cli.json {
@@ -112,6 +112,69 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("uringblk-loadgen: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_parses_into_the_spec() {
+        let cli = Cli::try_parse_from([
+            "uringblk-loadgen",
+            "--socket",
+            "/s",
+            "--rw",
+            "randrw",
+            "--rwmixread",
+            "60",
+            "--bs",
+            "128k",
+            "--iodepth",
+            "8",
+            "--queues",
+            "2",
+            "--completion",
+            "poll",
+            "--runtime",
+            "3s",
+            "--ramp",
+            "500ms",
+            "--size",
+            "1G",
+            "--cpus",
+            "0-1",
+            "--json",
+            "--phase-markers",
+        ])
+        .unwrap();
+        let spec = spec_of(&cli);
+        assert_eq!(spec.pattern, RwPattern::RandRw);
+        assert_eq!(spec.rwmixread, 60);
+        assert_eq!(spec.block_size, 128 * 1024);
+        assert_eq!((spec.iodepth, spec.queues), (8, 2));
+        assert_eq!(spec.completion, CompletionMode::Poll);
+        assert_eq!(spec.runtime, std::time::Duration::from_secs(3));
+        assert_eq!(spec.ramp, std::time::Duration::from_millis(500));
+        assert_eq!(spec.region_size, Some(1 << 30));
+        assert_eq!(spec.cpus, vec![0, 1]);
+        assert!(cli.json && cli.phase_markers);
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        for bad in [
+            ["--rw", "sideways"],
+            ["--rwmixread", "101"],
+            ["--bs", "four"],
+            ["--cpus", "1-0"],
+            ["--runtime", "soon"],
+        ] {
+            let mut args = vec!["uringblk-loadgen", "--socket", "/s"];
+            args.extend(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -162,6 +162,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, LoadgenError> {
         .map_err(|e| LoadgenError::InvalidArgument(format!("bad duration {text:?}: {e}")))
 }
 
+/// A CPU list as one command-line value (`0-2,5`), so that clap keeps it as one argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+impl FromStr for CpuList {
+    type Err = LoadgenError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_cpu_list(s).map(CpuList)
+    }
+}
+
 /// Parses a CPU list in the kernel's format: `0`, `1,3`, `0-2,5`.
 pub fn parse_cpu_list(text: &str) -> Result<Vec<usize>, LoadgenError> {
     let bad = || LoadgenError::InvalidArgument(format!("bad CPU list {text:?}"));
