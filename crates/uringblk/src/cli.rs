@@ -19,7 +19,12 @@ pub struct Cli {
     pub socket: PathBuf,
 
     /// Disk image: a regular file or a block device.
-    #[arg(long, value_name = "PATH", required_unless_present = "null", conflicts_with = "null")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "null",
+        conflicts_with = "null"
+    )]
     pub image: Option<PathBuf>,
 
     /// Create the image as a sparse file of SIZE bytes if it does not exist (suffixes K, M, G, T).
@@ -121,14 +126,20 @@ pub fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
             Some((a, b)) => (a, b),
             None => (part, part),
         };
-        let a: usize = a.parse().map_err(|_| format!("'{part}' is not a CPU number or range"))?;
-        let b: usize = b.parse().map_err(|_| format!("'{part}' is not a CPU number or range"))?;
+        let a: usize = a
+            .parse()
+            .map_err(|_| format!("'{part}' is not a CPU number or range"))?;
+        let b: usize = b
+            .parse()
+            .map_err(|_| format!("'{part}' is not a CPU number or range"))?;
         if a > b {
             return Err(format!("CPU range '{part}' is backwards"));
         }
         for c in a..=b {
             if c >= max_cpu {
-                return Err(format!("CPU {c} does not exist (this machine has {max_cpu})"));
+                return Err(format!(
+                    "CPU {c} does not exist (this machine has {max_cpu})"
+                ));
             }
             if cpus.contains(&c) {
                 return Err(format!("CPU {c} is listed twice"));
@@ -146,7 +157,9 @@ fn core_count() -> usize {
 pub fn parse_queue_size(s: &str) -> Result<u16, String> {
     let n: u16 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if n == 0 || n > 1024 || !n.is_power_of_two() {
-        return Err(format!("queue size must be a power of two from 1 to 1024, got {n}"));
+        return Err(format!(
+            "queue size must be a power of two from 1 to 1024, got {n}"
+        ));
     }
     if n < 4 {
         return Err("queue size must be at least 4 (a request needs 3 descriptors)".into());

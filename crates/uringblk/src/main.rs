@@ -124,7 +124,8 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
             cli.logical_block_size
         ));
     }
-    let mut device = DeviceConfig::new(capacity, cli.logical_block_size, cli.queues, cli.queue_size);
+    let mut device =
+        DeviceConfig::new(capacity, cli.logical_block_size, cli.queues, cli.queue_size);
     device.read_only = cli.readonly;
     device.discard = !cli.no_discard;
     device.write_zeroes = !cli.no_write_zeroes;
@@ -152,7 +153,11 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
         "{} bytes ({:?}{}), {} queue(s) of {} on {} iothread(s), block size {}",
         capacity,
         storage.kind(),
-        if storage.is_direct() { ", O_DIRECT" } else { "" },
+        if storage.is_direct() {
+            ", O_DIRECT"
+        } else {
+            ""
+        },
         cli.queues,
         cli.queue_size,
         iothreads,
