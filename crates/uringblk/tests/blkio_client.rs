@@ -143,7 +143,31 @@ fn integrity_run(queues: usize, iothreads: usize, extra_args: &[&str], logical_b
         scattered_round_trip(&mut client, &mut model, offset, 16 * 1024, logical_block);
         model
     });
-    stop(server);
+    let (status, stats) = server.stop_with_stats();
+    assert!(status.success(), "uringblk did not exit cleanly: {status}");
+    let queues_stats = stats["queues"].as_array().expect("per-queue stats");
+    assert_eq!(queues_stats.len(), queues, "one stats entry per queue");
+    let total = |key: &str, field: &str| -> u64 {
+        queues_stats
+            .iter()
+            .map(|q| q[key][field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert!(
+        total("write", "ops") > 0 && total("read", "ops") > 0,
+        "stats: {stats}"
+    );
+    assert_eq!(
+        total("write", "errors") + total("read", "errors"),
+        0,
+        "stats: {stats}"
+    );
+    // The workload submits adjacent writes together: the server must have merged some.
+    let merged: u64 = queues_stats
+        .iter()
+        .map(|q| q["merged"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(merged > 0, "no request was merged: {stats}");
     check_file(&image.path, &model);
 }
 

@@ -34,6 +34,8 @@ impl ServerProcess {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null())
+            // Statistics JSON arrives on stdout; logs stay on stderr for the test output.
+            .stdout(Stdio::piped())
             .spawn()
             .expect("spawn uringblk");
         let mut server = ServerProcess { child, socket, dir };
@@ -62,6 +64,21 @@ impl ServerProcess {
     /// Sends SIGTERM and waits for the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.terminate()
+    }
+
+    /// Sends SIGTERM; returns the exit status and the final statistics JSON (the last line
+    /// the server printed on stdout).
+    pub fn stop_with_stats(mut self) -> (std::process::ExitStatus, serde_json::Value) {
+        use std::io::Read;
+        let status = self.terminate();
+        let mut out = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            stdout.read_to_string(&mut out).expect("read server stdout");
+        }
+        let last = out.lines().last().unwrap_or("");
+        let stats = serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("final stats are not JSON ({e}): {last:?}"));
+        (status, stats)
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
