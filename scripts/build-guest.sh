@@ -172,6 +172,16 @@ main() {
     done
     cp "$fio_bin" "$root/usr/bin/fio"
     cp "$blkdiscard_bin" "$root/usr/sbin/blkdiscard"
+    # busybox sh runs its own applet for a name before searching PATH (SH_STANDALONE), so the
+    # real tools that share an applet's name are reached through shell functions.
+    {
+        echo "# Sourced by /init before each command of a run (scripts/guest-init.sh)."
+        for tool in /usr/bin/fio /usr/sbin/blkdiscard; do
+            if /bin/busybox --list | grep -qx "$(basename "$tool")"; then
+                echo "$(basename "$tool")() { $tool \"\$@\"; }"
+            fi
+        done
+    } >"$root/lib/guest-env.sh"
     copy_libs "$fio_bin"
     copy_libs "$blkdiscard_bin"
     install -m 0755 "$init_script" "$root/init"
