@@ -230,3 +230,74 @@ fn bad_thread_and_cpu_counts_are_refused() {
     assert!(matches!(mk(2, vec![0]), Err(ServerError::CpuCount { .. })));
     assert!(mk(2, vec![0, 1]).is_ok());
 }
+
+#[test]
+fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
+    let mem = GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+    let m = mem.memory();
+    let mq = MockSplitQueue::new(&*m, QSIZE);
+    let mut dev = device(1);
+    dev.read_only = true;
+    let b = BlkBackend::new(
+        ServerConfig {
+            device: dev,
+            queue_size: QSIZE,
+            iothreads: 1,
+            cpus: vec![],
+            writeback: true,
+            merge: MergeLimits::default(),
+        },
+        Arc::new(Backend::null(1 << 20)),
+    )
+    .unwrap();
+    assert_ne!(
+        b.features() & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO),
+        0
+    );
+    let h = harness(b, &mq, mem.clone());
+    // Head 0: OUT, head 3: DISCARD, head 6: WRITE_ZEROES (each header, payload, status).
+    let kinds = [
+        blk_proto::VIRTIO_BLK_T_OUT,
+        blk_proto::VIRTIO_BLK_T_DISCARD,
+        blk_proto::VIRTIO_BLK_T_WRITE_ZEROES,
+    ];
+    let mut descs = Vec::new();
+    for (i, kind) in kinds.iter().enumerate() {
+        let base = 0x8000 + 0x1000 * i as u64;
+        header(&m, base, *kind, 0);
+        let range = blk_proto::RawRange {
+            sector: 0,
+            num_sectors: 8,
+            flags: 0,
+        };
+        m.write_slice(&range.to_le_bytes(), GuestAddress(base + 0x100))
+            .unwrap();
+        m.write_obj(0xffu8, GuestAddress(0xa000 + i as u64))
+            .unwrap();
+        let n = descs.len() as u16;
+        let payload = if i == 0 { 512 } else { 16 };
+        descs.push(desc(base, 16, false, Some(n + 1)));
+        descs.push(desc(base + 0x100, payload, false, Some(n + 2)));
+        descs.push(desc(0xa000 + i as u64, 1, true, None));
+    }
+    mq.add_desc_chains(&descs, 0).unwrap();
+    let avail = mq.avail_addr().0;
+    m.write_obj(3u16, GuestAddress(avail + 4 + 2)).unwrap();
+    m.write_obj(6u16, GuestAddress(avail + 4 + 4)).unwrap();
+    m.write_obj(3u16, GuestAddress(avail + 2)).unwrap();
+    h.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
+        .unwrap();
+    for i in 0..3u64 {
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(0xa000 + i)).unwrap(),
+            VIRTIO_BLK_S_IOERR,
+            "request type {} on a read-only export",
+            kinds[i as usize]
+        );
+    }
+    assert_eq!(
+        m.read_obj::<u16>(mq.used_addr().unchecked_add(2)).unwrap(),
+        3
+    );
+}
