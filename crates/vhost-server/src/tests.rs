@@ -272,13 +272,13 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
         };
         m.write_slice(&range.to_le_bytes(), GuestAddress(base + 0x100))
             .unwrap();
-        m.write_obj(0xffu8, GuestAddress(0xa000 + i as u64))
+        m.write_obj(0xffu8, GuestAddress(0xc000 + i as u64))
             .unwrap();
         let n = descs.len() as u16;
         let payload = if i == 0 { 512 } else { 16 };
         descs.push(desc(base, 16, false, Some(n + 1)));
         descs.push(desc(base + 0x100, payload, false, Some(n + 2)));
-        descs.push(desc(0xa000 + i as u64, 1, true, None));
+        descs.push(desc(0xc000 + i as u64, 1, true, None));
     }
     mq.add_desc_chains(&descs, 0).unwrap();
     let avail = mq.avail_addr().0;
@@ -290,7 +290,7 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
         .unwrap();
     for i in 0..3u64 {
         assert_eq!(
-            m.read_obj::<u8>(GuestAddress(0xa000 + i)).unwrap(),
+            m.read_obj::<u8>(GuestAddress(0xc000 + i)).unwrap(),
             VIRTIO_BLK_S_IOERR,
             "request type {} on a read-only export",
             kinds[i as usize]
