@@ -25,6 +25,8 @@ pub enum ClientKind {
     Loadgen,
     /// fio with `ioengine=io_uring,direct=1` on the image, no virtualization (the `host` target).
     HostFio,
+    /// fio inside a QEMU guest whose virtio-blk disk is the target's socket: the whole path.
+    GuestFio,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -98,8 +100,47 @@ pub fn loadgen_command(
     argv
 }
 
-/// fio on the image with the same job parameters: one fio job per queue (`numjobs`), sequential
-/// jobs on disjoint slices as the load generator does.
+/// fio options (name, value) for `job`, shared by the host and the guest fio clients: one fio
+/// job per queue (`numjobs`), sequential jobs on disjoint slices as the load generator does, and
+/// the output settings `parse_fio` needs.
+pub fn fio_job_options(
+    job: &Job,
+    queues: u32,
+    timing: Timing,
+    region: u64,
+) -> Vec<(String, String)> {
+    let mut options: Vec<(String, String)> = [
+        ("ioengine", "io_uring".to_string()),
+        ("direct", "1".into()),
+        ("rw", job.pattern.fio_name().into()),
+        ("bs", job.block_size.to_string()),
+        ("iodepth", job.iodepth.to_string()),
+        ("numjobs", queues.to_string()),
+        ("group_reporting", "1".into()),
+        ("unified_rw_reporting", "mixed".into()),
+        ("time_based", "1".into()),
+        ("runtime", ms(timing.runtime)),
+        ("ramp_time", ms(timing.ramp)),
+        ("lat_percentiles", "1".into()),
+        ("percentile_list", "50:99:99.9".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if job.pattern.is_random() || queues <= 1 {
+        options.push(("size".into(), region.to_string()));
+    } else {
+        let slice = region / u64::from(queues) / job.block_size * job.block_size;
+        options.push(("size".into(), slice.to_string()));
+        options.push(("offset_increment".into(), slice.to_string()));
+    }
+    if job.pattern == RwPattern::RandRw {
+        options.push(("rwmixread".into(), job.rwmixread.to_string()));
+    }
+    options
+}
+
+/// fio on the image, on the host: the `host` target.
 pub fn host_fio_command(
     fio: &Path,
     image: &Path,
@@ -116,32 +157,24 @@ pub fn host_fio_command(
         fio.display().to_string(),
         format!("--name={}", job.name),
         format!("--filename={}", image.display()),
-        "--ioengine=io_uring".into(),
-        "--direct=1".into(),
-        format!("--rw={}", job.pattern.fio_name()),
-        format!("--bs={}", job.block_size),
-        format!("--iodepth={}", job.iodepth),
-        format!("--numjobs={queues}"),
-        "--group_reporting".into(),
-        "--unified_rw_reporting=mixed".into(),
-        "--time_based".into(),
-        format!("--runtime={}", ms(timing.runtime)),
-        format!("--ramp_time={}", ms(timing.ramp)),
-        "--lat_percentiles=1".into(),
-        "--percentile_list=50:99:99.9".into(),
         "--output-format=json".into(),
     ];
-    if job.pattern.is_random() || queues <= 1 {
-        argv.push(format!("--size={region}"));
-    } else {
-        let slice = region / u64::from(queues) / job.block_size * job.block_size;
-        argv.push(format!("--size={slice}"));
-        argv.push(format!("--offset_increment={slice}"));
-    }
-    if job.pattern == RwPattern::RandRw {
-        argv.push(format!("--rwmixread={}", job.rwmixread));
-    }
+    argv.extend(
+        fio_job_options(job, queues, timing, region)
+            .into_iter()
+            .map(|(k, v)| format!("--{k}={v}")),
+    );
     argv
+}
+
+/// The fio job file the guest runs against its virtio-blk disk (`/dev/vda`).
+pub fn guest_fio_job(job: &Job, queues: u32, timing: Timing, region: u64) -> String {
+    let mut text = String::from("[global]\nfilename=/dev/vda\n");
+    for (k, v) in fio_job_options(job, queues, timing, region) {
+        text.push_str(&format!("{k}={v}\n"));
+    }
+    text.push_str(&format!("[{}]\n", job.name));
+    text
 }
 
 /// Output of a finished child process.
@@ -298,6 +331,89 @@ pub fn run_host_fio(argv: Vec<String>, timing: Timing) -> Result<ClientOutcome, 
     })
 }
 
+/// Sets the calling thread's CPU affinity; processes it spawns afterwards inherit it.
+fn pin_current_thread(cpus: &[usize]) -> Result<(), BenchError> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(BenchError::Usage(format!("CPU {cpu} out of range")));
+        }
+        // SAFETY: `cpu` is below CPU_SETSIZE, the capacity of `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(BenchError::Client(format!(
+            "cannot pin to CPUs {}: {}",
+            cpu_list(cpus),
+            std::io::Error::last_os_error()
+        )))
+    }
+}
+
+/// Extra time a guest run may take beyond ramp + runtime: boot and power-off under TCG.
+const GUEST_GRACE: Duration = Duration::from_secs(120);
+
+/// Boots the measurement guest (crates/guestvm) on `socket`, pinned to the client CPUs, and runs
+/// `job_text` with fio inside it. The accelerator that ran is returned in the raw report.
+pub fn run_guest_fio(
+    socket: &Path,
+    guest_dir: &Path,
+    job_text: String,
+    queues: u32,
+    timing: Timing,
+    client_cpus: &[usize],
+) -> Result<(ClientOutcome, String), BenchError> {
+    let config = guestvm::VmConfig::new(socket, guest_dir)
+        .fio_job(job_text.clone())
+        .queues(queues)
+        .vcpus(queues)
+        .timeout(timing.ramp + timing.runtime + GUEST_GRACE);
+    // QEMU inherits the affinity of the thread that starts it; pin a thread of its own.
+    let run = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                pin_current_thread(client_cpus)?;
+                guestvm::run(&config).map_err(|e| BenchError::Client(format!("guest: {e}")))
+            })
+            .join()
+            .map_err(|_| BenchError::Client("guest runner thread panicked".into()))?
+    })?;
+    let fio = run
+        .fio()
+        .map_err(|e| BenchError::Client(format!("guest: {e}")))?;
+    let measurement = crate::measurement::parse_fio_value(fio)?;
+    let accel = run.accel.to_string();
+    let raw = serde_json::json!({
+        "accelerator": accel,
+        "vm_elapsed_s": run.elapsed.as_secs_f64(),
+        "fio_job": job_text,
+        "fio": fio,
+    });
+    let argv = vec![
+        "scripts/run-vm.sh".into(),
+        "--socket".into(),
+        socket.display().to_string(),
+        "--queues".into(),
+        queues.to_string(),
+        "--vcpus".into(),
+        queues.to_string(),
+    ];
+    Ok((
+        ClientOutcome {
+            measurement,
+            raw,
+            argv,
+            server_cpu: None,
+        },
+        accel,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,6 +498,41 @@ mod tests {
         );
         assert!(argv.contains(&"--size=536870912".to_string()));
         assert!(argv.contains(&"--offset_increment=536870912".to_string()));
+    }
+
+    #[test]
+    fn guest_job_file_has_the_same_options_on_the_guest_disk() {
+        let text = guest_fio_job(&job("randrw70-4k-qd32"), 2, timing(), 1 << 30);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "[global]");
+        assert_eq!(lines[1], "filename=/dev/vda");
+        for line in [
+            "ioengine=io_uring",
+            "direct=1",
+            "rw=randrw",
+            "rwmixread=70",
+            "numjobs=2",
+            "unified_rw_reporting=mixed",
+            "lat_percentiles=1",
+            "runtime=3000ms",
+            "ramp_time=500ms",
+        ] {
+            assert!(lines.contains(&line), "{line} missing:\n{text}");
+        }
+        assert_eq!(lines.last(), Some(&"[randrw70-4k-qd32]"));
+    }
+
+    #[test]
+    fn pinning_this_thread_to_an_available_cpu_works() {
+        let cpus = crate::machine::available_cpus();
+        let all = cpus.clone();
+        std::thread::spawn(move || {
+            pin_current_thread(&cpus[..1]).unwrap();
+            assert_eq!(crate::machine::available_cpus(), cpus[..1]);
+            pin_current_thread(&all).unwrap();
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

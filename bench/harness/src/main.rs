@@ -52,6 +52,13 @@ struct Cli {
     /// Skip the scaling sweep.
     #[arg(long)]
     no_scaling: bool,
+    /// Also run the matrix with fio inside a QEMU guest (crates/guestvm; default: only in full
+    /// mode). Under TCG its figures measure the emulator more than the server.
+    #[arg(long, overrides_with = "no_guest")]
+    guest: bool,
+    /// Skip the guest fio runs.
+    #[arg(long)]
+    no_guest: bool,
     /// The image file for the file backends and the host target (created and filled if
     /// missing). Put it on the disk you want to measure.
     #[arg(long, default_value = "bench/work/bench.img")]
@@ -171,6 +178,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         .ramp
         .unwrap_or(Duration::from_millis(if cli.full { 2_000 } else { 500 }));
     let scaling = (cli.full || cli.scaling) && !cli.no_scaling;
+    let guest = (cli.full || cli.guest) && !cli.no_guest;
     let targets: Vec<Target> = cli.targets.clone().unwrap_or_else(|| Target::ALL.to_vec());
     let jobs = matrix::select_jobs(cli.jobs.as_deref())?;
     if cli.reps == 0 || cli.queues.is_empty() || cli.queues.contains(&0) {
@@ -246,6 +254,16 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
                 }),
         );
     }
+    if guest {
+        plan.extend(
+            matrix::guest_plan(&jobs, &cli.queues, &targets, cli.reps, &server_cpus)
+                .into_iter()
+                .map(|spec| PlannedRun {
+                    spec,
+                    timing: matrix_timing,
+                }),
+        );
+    }
     let per_run = runtime + ramp + Duration::from_millis(400);
     eprintln!(
         "uringblk-bench: {mode} mode, {} runs (about {} min), server CPU {}, client CPU {}",
@@ -283,6 +301,25 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         require_tool(&cli.fio, "for the host target")?;
     }
 
+    let guest_dir = if guest {
+        let missing = guestvm::missing_prerequisites();
+        if !missing.is_empty() {
+            return Err(BenchError::Usage(format!(
+                "guest runs need {} (or run with --no-guest)",
+                missing.join(", ")
+            )));
+        }
+        let dir = guestvm::default_guest_dir();
+        eprintln!(
+            "uringblk-bench: building the measurement guest in {} if needed",
+            dir.display()
+        );
+        guestvm::build_guest(&dir).map_err(|e| BenchError::Client(format!("guest build: {e}")))?;
+        Some(dir)
+    } else {
+        None
+    };
+
     let created = image::ensure_image(&cli.image, cli.image_size, &mut |done| {
         eprintln!("uringblk-bench: writing the image: {} MiB", done >> 20);
     })?;
@@ -314,6 +351,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         client_cpus: client_cpus.clone(),
         completion: cli.completion,
         workdir: workdir.path().to_path_buf(),
+        guest_dir,
     };
 
     preflight(&env, &targets, &jobs, &cli.queues, &server_cpus)?;
@@ -341,6 +379,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
             jobs: jobs.iter().map(|j| j.name.clone()).collect(),
             queue_counts: cli.queues.clone(),
             scaling,
+            guest,
         },
         machine: machine_info,
         points: report::summarize(&records),

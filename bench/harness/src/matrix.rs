@@ -76,8 +76,12 @@ pub fn select_jobs(names: Option<&[String]>) -> Result<Vec<Job>, BenchError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    /// The job matrix, measured with the load generator (vhost-user targets) or host fio.
     Matrix,
+    /// The per-core scaling sweep.
     Scaling,
+    /// The job matrix again, measured with fio inside a VM (the whole path).
+    Guest,
 }
 
 /// One run: a target serving one job with a given number of queues and iothreads.
@@ -123,6 +127,26 @@ pub fn matrix_plan(
                 }
             }
         }
+    }
+    plan
+}
+
+/// Guest runs: the matrix over the targets with a server, measured by fio in a VM.
+pub fn guest_plan(
+    jobs: &[Job],
+    queue_counts: &[u32],
+    targets: &[Target],
+    reps: u32,
+    server_cpus: &[usize],
+) -> Vec<RunSpec> {
+    let served: Vec<Target> = targets
+        .iter()
+        .copied()
+        .filter(|t| t.server().is_some())
+        .collect();
+    let mut plan = matrix_plan(jobs, queue_counts, &served, reps, server_cpus);
+    for run in &mut plan {
+        run.phase = Phase::Guest;
     }
     plan
 }
@@ -258,6 +282,21 @@ mod tests {
         assert_eq!(plan[0].server_cpus, [1]);
         assert_eq!((plan[1].iothreads, plan[1].queues), (2, 2));
         assert_eq!(plan[1].server_cpus, [1, 0]);
+    }
+
+    #[test]
+    fn guest_plan_skips_the_host() {
+        let plan = guest_plan(
+            &default_jobs()[..2],
+            &[1],
+            &[Target::Host, Target::QsdNull],
+            2,
+            &[1],
+        );
+        assert_eq!(plan.len(), 4);
+        assert!(plan
+            .iter()
+            .all(|r| r.phase == Phase::Guest && r.target == Target::QsdNull));
     }
 
     #[test]

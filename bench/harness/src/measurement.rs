@@ -57,7 +57,11 @@ fn fio_json_document(stdout: &str) -> Result<Value, BenchError> {
 /// `unified_rw_reporting=mixed` (reads and writes summed into one "mixed" section) and
 /// `lat_percentiles=1 percentile_list=50:99:99.9`.
 pub fn parse_fio(stdout: &str) -> Result<Measurement, BenchError> {
-    let doc = fio_json_document(stdout)?;
+    parse_fio_value(&fio_json_document(stdout)?)
+}
+
+/// As [`parse_fio`], for a JSON document already parsed (the guest's fio output).
+pub fn parse_fio_value(doc: &Value) -> Result<Measurement, BenchError> {
     let bad = |what: &str| BenchError::Parse(format!("fio JSON: {what}"));
     let job = doc
         .get("jobs")

@@ -35,6 +35,9 @@ pub struct RunRecord {
     /// What the server printed on stdout at exit (uringblk: final stats JSON), if JSON.
     pub server_stats: Option<Value>,
     pub client_report: Value,
+    /// The VM accelerator (kvm or tcg) of a guest fio run.
+    #[serde(default)]
+    pub accelerator: Option<String>,
 }
 
 impl RunRecord {
@@ -90,6 +93,7 @@ pub(crate) fn sample_record(target: Target, iops: f64, cpu: Option<(f64, f64)>) 
         client_argv: vec![],
         server_stats: None,
         client_report: Value::Null,
+        accelerator: None,
     }
 }
 

@@ -33,6 +33,9 @@ pub struct PointSummary {
     pub lat_p99_9_us: Option<Spread>,
     pub server_cores_busy: Option<Spread>,
     pub iops_per_server_cpu_s: Option<Spread>,
+    /// VM accelerator(s) of guest fio runs, e.g. "tcg".
+    #[serde(default)]
+    pub accelerator: Option<String>,
 }
 
 /// How the runs were made.
@@ -51,6 +54,8 @@ pub struct Settings {
     pub jobs: Vec<String>,
     pub queue_counts: Vec<u32>,
     pub scaling: bool,
+    #[serde(default)]
+    pub guest: bool,
 }
 
 /// Everything a report is drawn from; saved as bench/results/latest.json.
@@ -104,9 +109,21 @@ pub fn summarize(records: &[RunRecord]) -> Vec<PointSummary> {
                 lat_p99_9_us: spread(&|r| r.measurement.as_ref().map(|m| m.lat_p99_9_us)),
                 server_cores_busy: spread(&|r| r.server_cores_busy()),
                 iops_per_server_cpu_s: spread(&|r| r.iops_per_server_cpu_s()),
+                accelerator: accelerators(&runs),
             })
         })
         .collect()
+}
+
+/// The distinct accelerators of a point's runs, e.g. "tcg" (or "kvm, tcg" if they differed).
+fn accelerators(runs: &[&RunRecord]) -> Option<String> {
+    let mut seen: Vec<&str> = runs
+        .iter()
+        .filter_map(|r| r.accelerator.as_deref())
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    (!seen.is_empty()).then(|| seen.join(", "))
 }
 
 impl Summary {
@@ -122,10 +139,15 @@ impl Summary {
             .find(|p| p.phase == phase && p.target == target && p.job == job && p.queues == queues)
     }
 
-    /// (job, queues) of the matrix, in run order.
+    /// (job, queues) of the matrix, in matrix order.
     pub fn matrix_rows(&self) -> Vec<(String, u32)> {
+        self.rows_of(Phase::Matrix)
+    }
+
+    /// (job, queues) that `phase` has points for, in matrix order.
+    pub fn rows_of(&self, phase: Phase) -> Vec<(String, u32)> {
         let mut rows: Vec<(String, u32)> = Vec::new();
-        for p in self.points.iter().filter(|p| p.phase == Phase::Matrix) {
+        for p in self.points.iter().filter(|p| p.phase == phase) {
             let row = (p.job.clone(), p.queues);
             if !rows.contains(&row) {
                 rows.push(row);
@@ -502,6 +524,7 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
         out.push('\n');
     }
 
+    render_guest(&mut out, summary);
     render_scaling(&mut out, summary, image_prefix);
     render_failures(&mut out, summary);
     out
@@ -555,6 +578,89 @@ fn render_scaling(out: &mut String, summary: &Summary, image_prefix: Option<&str
                 p.lat_p99_us
                     .map_or_else(|| "n/a".into(), |s| fmt_us(s.median)),
             ]
+        })
+        .collect();
+    table(out, &header, &body);
+}
+
+fn render_guest(out: &mut String, summary: &Summary) {
+    let rows = summary.rows_of(Phase::Guest);
+    if rows.is_empty() {
+        if !summary.settings.guest {
+            let _ = writeln!(
+                out,
+                "#### fio in a guest\n\nNot run in this mode (`bench/run.sh full`, or `--guest`).\n"
+            );
+        }
+        return;
+    }
+    let mut accels: Vec<&str> = summary
+        .points
+        .iter()
+        .filter(|p| p.phase == Phase::Guest)
+        .filter_map(|p| p.accelerator.as_deref())
+        .collect();
+    accels.sort_unstable();
+    accels.dedup();
+    let accel = if accels.is_empty() {
+        "unknown".to_string()
+    } else {
+        accels.join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "#### fio in a guest (QEMU, accelerator: **{accel}**): IOPS median [min–max], p99 µs\n"
+    );
+    if accel.contains("tcg") {
+        let _ = writeln!(
+            out,
+            "Under TCG the guest's CPU is emulated: these figures measure the emulator far more \
+             than the server, and the ratios say little about the dataplane.\n"
+        );
+    }
+    let guest_point = |t: Target, job: &str, q: u32| {
+        summary
+            .points
+            .iter()
+            .find(|p| p.phase == Phase::Guest && p.target == t && p.job == job && p.queues == q)
+    };
+    let served: Vec<Target> = Target::ALL
+        .iter()
+        .copied()
+        .filter(|t| t.server().is_some() && summary.settings.targets.contains(t))
+        .collect();
+    let mut header: Vec<String> = vec!["job".into(), "queues".into()];
+    header.extend(served.iter().map(|t| t.name().to_string()));
+    header.extend([
+        "**uringblk / qsd**".into(),
+        "**uringblk / qsd (null)**".into(),
+    ]);
+    let median = |t: Target, job: &str, q: u32| {
+        guest_point(t, job, q)
+            .and_then(|p| p.iops)
+            .map(|s| s.median)
+    };
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(job, q)| {
+            let mut row = vec![job.clone(), q.to_string()];
+            row.extend(served.iter().map(|t| match guest_point(*t, job, *q) {
+                Some(p) => format!(
+                    "{}, p99 {}",
+                    fmt_spread(p.iops, fmt_count),
+                    p.lat_p99_us.map_or_else(|| "n/a".into(), |s| fmt_us(s.median))
+                ),
+                None => "n/a".into(),
+            }));
+            row.push(fmt_ratio(ratio(
+                median(Target::UringblkFile, job, *q),
+                median(Target::QsdFile, job, *q),
+            )));
+            row.push(fmt_ratio(ratio(
+                median(Target::UringblkNull, job, *q),
+                median(Target::QsdNull, job, *q),
+            )));
+            row
         })
         .collect();
     table(out, &header, &body);
@@ -639,6 +745,7 @@ mod tests {
             jobs: vec!["randread-4k-qd1".into()],
             queue_counts: vec![1],
             scaling: false,
+            guest: false,
         }
     }
 
@@ -710,6 +817,31 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("Not run in this mode"));
+    }
+
+    #[test]
+    fn guest_section_names_the_accelerator_and_ratio() {
+        let mut recs = Vec::new();
+        for (target, iops) in [(Target::UringblkNull, 300.0), (Target::QsdNull, 200.0)] {
+            for mut r in records(target, &[iops]) {
+                r.phase = Phase::Guest;
+                r.client = ClientKind::GuestFio;
+                r.accelerator = Some("tcg".into());
+                recs.push(r);
+            }
+        }
+        let mut summary = summary_of(recs, vec![Target::UringblkNull, Target::QsdNull]);
+        summary.settings.guest = true;
+        let md = render_markdown(&summary, None);
+        assert!(md.contains("accelerator: **tcg**"), "{md}");
+        assert!(md.contains("Under TCG"), "{md}");
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| randread-4k-qd1 | 1 | 300, p99"))
+            .unwrap_or_else(|| panic!("no guest row:\n{md}"));
+        assert!(row.ends_with("| n/a | 1.50× |"), "{row}");
+        // Guest points stay out of the loadgen tables.
+        assert!(md.contains("No comparison: this run lacks"), "{md}");
     }
 
     #[test]

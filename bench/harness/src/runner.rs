@@ -29,6 +29,8 @@ pub struct Environment {
     pub completion: CompletionMode,
     /// Sockets and server logs.
     pub workdir: PathBuf,
+    /// The built measurement guest, for guest fio runs.
+    pub guest_dir: Option<PathBuf>,
 }
 
 /// One planned run and how long it lasts.
@@ -45,9 +47,10 @@ fn now_rfc3339() -> String {
 /// Runs one point once. Never fails: a failure is recorded in the returned record.
 pub fn run_one(env: &Environment, planned: &PlannedRun, seq: usize) -> RunRecord {
     let spec = &planned.spec;
-    let client = match spec.target.server() {
-        Some(_) => ClientKind::Loadgen,
-        None => ClientKind::HostFio,
+    let client = match (spec.phase, spec.target.server()) {
+        (Phase::Guest, _) => ClientKind::GuestFio,
+        (_, Some(_)) => ClientKind::Loadgen,
+        (_, None) => ClientKind::HostFio,
     };
     let mut record = RunRecord {
         run_id: env.run_id.clone(),
@@ -70,6 +73,7 @@ pub fn run_one(env: &Environment, planned: &PlannedRun, seq: usize) -> RunRecord
         client_argv: Vec::new(),
         server_stats: None,
         client_report: Value::Null,
+        accelerator: None,
     };
     match run_client_and_server(env, planned, seq, &mut record) {
         Ok(outcome) => {
@@ -124,6 +128,28 @@ fn run_client_and_server(
         &env.workdir,
         &format!("run-{seq}-{}", spec.target),
     )?;
+    if spec.phase == Phase::Guest {
+        let guest_dir = env
+            .guest_dir
+            .as_deref()
+            .ok_or_else(|| BenchError::Usage("guest runs need the built guest".into()))?;
+        let job_text =
+            clients::guest_fio_job(&spec.job, spec.queues, planned.timing, env.image_size);
+        let (outcome, accel) = clients::run_guest_fio(
+            &socket,
+            guest_dir,
+            job_text,
+            spec.queues,
+            planned.timing,
+            &env.client_cpus,
+        )?;
+        record.accelerator = Some(accel);
+        record.client_argv = outcome.argv.clone();
+        process.check_alive()?;
+        stop_server(process, record);
+        let _ = std::fs::remove_file(&socket);
+        return Ok(outcome);
+    }
     let argv = clients::loadgen_command(
         &env.loadgen,
         &socket,
@@ -148,6 +174,13 @@ fn run_client_and_server(
         }
         (Ok(_), Err(server_gone)) => return Err(server_gone),
     };
+    stop_server(process, record);
+    let _ = std::fs::remove_file(&socket);
+    Ok(outcome)
+}
+
+/// Stops the server; an unclean exit is a warning on the record, not a failed measurement.
+fn stop_server(process: ServerProcess, record: &mut RunRecord) {
     match process.stop() {
         Ok((status, stdout)) => {
             if !status.success() {
@@ -159,8 +192,6 @@ fn run_client_and_server(
         }
         Err(e) => record.warnings.push(e.to_string()),
     }
-    let _ = std::fs::remove_file(&socket);
-    Ok(outcome)
 }
 
 /// One-line description of a run, as printed in progress lines.
@@ -168,6 +199,10 @@ pub fn describe(spec: &RunSpec) -> String {
     match spec.phase {
         Phase::Matrix => format!(
             "{} {} q{} rep {}",
+            spec.target, spec.job.name, spec.queues, spec.rep
+        ),
+        Phase::Guest => format!(
+            "guest-fio {} {} q{} rep {}",
             spec.target, spec.job.name, spec.queues, spec.rep
         ),
         Phase::Scaling => format!(
