@@ -52,13 +52,14 @@ struct Cli {
     /// Skip the scaling sweep.
     #[arg(long)]
     no_scaling: bool,
-    /// Also run the matrix with fio inside a QEMU guest (crates/guestvm; default: only in full
-    /// mode). Under TCG its figures measure the emulator more than the server.
-    #[arg(long, overrides_with = "no_guest")]
-    guest: bool,
-    /// Skip the guest fio runs.
+    /// Also run the matrix with fio inside a QEMU guest (crates/guestvm): the whole path. Each
+    /// run boots a VM (KVM where it works, else TCG, whose figures measure the emulator more
+    /// than the server).
     #[arg(long)]
-    no_guest: bool,
+    guest: bool,
+    /// Repetitions of guest points (default: --reps).
+    #[arg(long)]
+    guest_reps: Option<u32>,
     /// The image file for the file backends and the host target (created and filled if
     /// missing). Put it on the disk you want to measure.
     #[arg(long, default_value = "bench/work/bench.img")]
@@ -178,7 +179,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         .ramp
         .unwrap_or(Duration::from_millis(if cli.full { 2_000 } else { 500 }));
     let scaling = (cli.full || cli.scaling) && !cli.no_scaling;
-    let guest = (cli.full || cli.guest) && !cli.no_guest;
+    let guest = cli.guest;
     let targets: Vec<Target> = cli.targets.clone().unwrap_or_else(|| Target::ALL.to_vec());
     let jobs = matrix::select_jobs(cli.jobs.as_deref())?;
     if cli.reps == 0 || cli.queues.is_empty() || cli.queues.contains(&0) {
@@ -256,12 +257,18 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
     }
     if guest {
         plan.extend(
-            matrix::guest_plan(&jobs, &cli.queues, &targets, cli.reps, &server_cpus)
-                .into_iter()
-                .map(|spec| PlannedRun {
-                    spec,
-                    timing: matrix_timing,
-                }),
+            matrix::guest_plan(
+                &jobs,
+                &cli.queues,
+                &targets,
+                cli.guest_reps.unwrap_or(cli.reps).max(1),
+                &server_cpus,
+            )
+            .into_iter()
+            .map(|spec| PlannedRun {
+                spec,
+                timing: matrix_timing,
+            }),
         );
     }
     let per_run = runtime + ramp + Duration::from_millis(400);

@@ -587,10 +587,7 @@ fn render_guest(out: &mut String, summary: &Summary) {
     let rows = summary.rows_of(Phase::Guest);
     if rows.is_empty() {
         if !summary.settings.guest {
-            let _ = writeln!(
-                out,
-                "#### fio in a guest\n\nNot run in this mode (`bench/run.sh full`, or `--guest`).\n"
-            );
+            let _ = writeln!(out, "#### fio in a guest\n\nNot run (`--guest` adds it).\n");
         }
         return;
     }
