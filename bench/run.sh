@@ -25,7 +25,7 @@ for tool in fio qemu-storage-daemon taskset; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if ((${#missing[@]})); then
-    echo "run.sh: missing ${missing[*]}; on Debian/Ubuntu: apt-get install fio qemu-utils util-linux" >&2
+    echo "run.sh: missing ${missing[*]}; on Debian 12: apt-get install fio qemu-system-common util-linux" >&2
     echo "run.sh: (or drop the targets that need them with --targets)" >&2
 fi
 

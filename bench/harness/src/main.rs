@@ -155,8 +155,8 @@ fn require_tool(program: &Path, why: &str) -> Result<(), BenchError> {
         Ok(())
     } else {
         Err(BenchError::Usage(format!(
-            "{} is needed {why} but does not run; install it (Debian: apt-get install fio \
-             qemu-utils util-linux) or drop the target with --targets",
+            "{} is needed {why} but does not run; install it (Debian 12: apt-get install fio \
+             qemu-system-common util-linux) or drop the target with --targets",
             program.display()
         )))
     }
