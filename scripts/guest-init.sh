@@ -9,10 +9,15 @@
 #   @@GUESTVM BEGIN fio ... @@GUESTVM END fio rc=N         fio's JSON output
 #   @@GUESTVM BEGIN fio-log ... @@GUESTVM END fio-log      fio's stderr
 #   @@GUESTVM ERROR message                                the run could not go on
+#   @@GUESTVM REBOOT                                       the guest reboots; the next boot's
+#                                                          sections follow
 #   @@GUESTVM DONE                                         the last line of a complete run
 # The per-run archive (appended by scripts/run-vm.sh) holds /job: config (shell variables),
 # job.fio (optional), pre/* and post/* (shell snippets run before / after fio, in name order).
-# Then the guest powers off; it never returns (PID 1 exiting would panic the kernel).
+# With REBOOTS=N in the config, the guest reboots N times (QEMU resets the machine, the
+# vhost-user connection stays) and runs everything again on each boot, with REBOOT_FIO_ARGS
+# instead of FIO_ARGS after the first. Then the guest powers off; /init never returns (PID 1
+# exiting would panic the kernel).
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
@@ -65,7 +70,30 @@ esac
 
 DISK=vda
 FIO_ARGS=
+REBOOTS=0
+REBOOT_FIO_ARGS=
 [ -f /job/config ] && . /job/config
+
+# Boots are counted in CMOS RAM, which QEMU zeroes at power-on but keeps across a machine
+# reset: byte 0x7e holds the index of this boot, byte 0x7d the index + 1 of the last boot
+# that got here. Bytes 0x7d-0x7e are unused by QEMU and SeaBIOS.
+cmos_select() { printf "\\$(printf %03o "$1")" | dd of=/dev/port bs=1 seek=112 count=1 conv=notrunc 2>/dev/null; }
+cmos_read() {
+    cmos_select "$1"
+    dd if=/dev/port bs=1 skip=113 count=1 2>/dev/null | od -An -tu1 | tr -d ' \n'
+}
+cmos_write() {
+    cmos_select "$1"
+    printf "\\$(printf %03o "$2")" | dd of=/dev/port bs=1 seek=113 count=1 conv=notrunc 2>/dev/null
+}
+boot=0
+if [ "$REBOOTS" -gt 0 ]; then
+    boot=$(cmos_read 126)
+    # A boot that starts twice means the machine reset without our asking (a panic).
+    [ "$(cmos_read 125)" = $((boot + 1)) ] && fail "unexpected reboot during boot $boot"
+    cmos_write 125 $((boot + 1))
+    [ "$boot" -gt 0 ] && FIO_ARGS=$REBOOT_FIO_ARGS
+fi
 
 dev=/dev/$DISK
 sysdir=/sys/block/$DISK
@@ -81,6 +109,7 @@ read_attr() { cat "$1" 2>/dev/null || echo "unreadable"; }
 {
     echo "@@GUESTVM BEGIN facts"
     echo "disk=$DISK"
+    echo "boot=$boot"
     echo "kernel=$(uname -r)"
     echo "vcpus=$(nproc)"
     echo "uptime_at_facts=$(cut -d' ' -f1 /proc/uptime)"
@@ -139,6 +168,15 @@ if [ -f /job/job.fio ]; then
 fi
 
 run_snippets post
+
+if [ "$boot" -lt "$REBOOTS" ]; then
+    cmos_write 126 $((boot + 1))
+    echo "@@GUESTVM REBOOT" | emit
+    say "rebooting"
+    sync
+    reboot -f
+    while :; do sleep 60; done
+fi
 
 echo "@@GUESTVM DONE" | emit
 say "done"

@@ -5,10 +5,13 @@
 # Usage: scripts/run-vm.sh --socket SOCK [--job FIO_JOB_FILE] [--fio-args "ARGS"]
 #          [--pre NAME=SHELL]... [--cmd NAME=SHELL]... [--queues N] [--vcpus N] [--mem 512M]
 #          [--timeout SECONDS] [--accel auto|tcg|kvm] [--guest-dir DIR] [--console-log FILE]
-#          [--no-build]
+#          [--reboots N] [--reboot-fio-args "ARGS"] [--no-build]
 #   --job     fio job file run in the guest (the disk is /dev/vda) with --output-format=json
 #   --pre     shell snippet run in the guest before fio; --cmd: after fio (both repeatable,
 #             run in the order given, each reported with its output and exit code)
+#   --reboots the guest reboots N times (a machine reset: the vhost-user connection stays and
+#             the device is reset and set up again), running everything again on each boot,
+#             with --reboot-fio-args instead of --fio-args after the first boot
 #   --accel   auto: KVM only where a short probe boot showed a stock guest runs under it
 #             (cached in the guest dir), else TCG
 #
@@ -23,13 +26,13 @@ script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_root=$(cd "$script_dir/.." && pwd)
 
 socket= job= fio_args= queues=1 vcpus=1 mem=512M timeout_s=300 accel=auto
-guest_dir=$repo_root/build/guest console_log= build=1
+guest_dir=$repo_root/build/guest console_log= build=1 reboots=0 reboot_fio_args=
 pre_cmds=() post_cmds=()
 
 log() { echo "run-vm: $*" >&2; }
 usage() {
     echo "run-vm: $*" >&2
-    echo "usage: run-vm.sh --socket SOCK [--job FILE] [--fio-args ARGS] [--pre NAME=SH]... [--cmd NAME=SH]... [--queues N] [--vcpus N] [--mem SIZE] [--timeout S] [--accel auto|tcg|kvm] [--guest-dir DIR] [--console-log FILE] [--no-build]" >&2
+    echo "usage: run-vm.sh --socket SOCK [--job FILE] [--fio-args ARGS] [--pre NAME=SH]... [--cmd NAME=SH]... [--queues N] [--vcpus N] [--mem SIZE] [--timeout S] [--accel auto|tcg|kvm] [--guest-dir DIR] [--console-log FILE] [--reboots N] [--reboot-fio-args ARGS] [--no-build]" >&2
     exit 2
 }
 need_value() { [[ $# -ge 2 ]] || usage "$1 needs a value"; }
@@ -48,6 +51,8 @@ while [[ $# -gt 0 ]]; do
     --accel) need_value "$@"; accel=$2; shift 2 ;;
     --guest-dir) need_value "$@"; guest_dir=$2; shift 2 ;;
     --console-log) need_value "$@"; console_log=$2; shift 2 ;;
+    --reboots) need_value "$@"; reboots=$2; shift 2 ;;
+    --reboot-fio-args) need_value "$@"; reboot_fio_args=$2; shift 2 ;;
     --no-build) build=0; shift ;;
     -h | --help) usage "help" ;;
     *) usage "unknown argument $1" ;;
@@ -60,6 +65,7 @@ done
 [[ -n $job || ${#pre_cmds[@]} -gt 0 || ${#post_cmds[@]} -gt 0 ]] || usage "nothing to run: give --job, --pre or --cmd"
 [[ $queues =~ ^[1-9][0-9]*$ ]] || usage "--queues must be a positive integer"
 [[ $vcpus =~ ^[1-9][0-9]*$ ]] || usage "--vcpus must be a positive integer"
+[[ $reboots =~ ^[0-9]$ ]] || usage "--reboots must be 0 to 9"
 [[ $timeout_s =~ ^[1-9][0-9]*$ ]] || usage "--timeout must be a positive number of seconds"
 [[ $mem =~ ^[1-9][0-9]*[MG]$ ]] || usage "--mem must look like 512M or 1G"
 case $accel in auto | tcg | kvm) ;; *) usage "--accel must be auto, tcg or kvm" ;; esac
@@ -111,7 +117,10 @@ boot() {
 # Arguments shared by the probe and the real boot: the console and the results port are files.
 base_args() {
     local console_file=$1 results_file=$2
-    echo -nodefaults -no-user-config -display none -no-reboot \
+    # A guest that reboots on purpose needs QEMU to reset it; otherwise a reboot (such as
+    # the one after a panic, panic=-1) ends QEMU.
+    ((reboots > 0)) || echo -no-reboot
+    echo -nodefaults -no-user-config -display none \
         -chardev "file,id=console,path=$console_file" -serial chardev:console \
         -chardev "file,id=results,path=$results_file" -serial chardev:results \
         -kernel "$guest_dir/vmlinuz"
@@ -130,7 +139,8 @@ kvm_works() {
     log "probing KVM with a short boot"
     local verdict=no
     # shellcheck disable=SC2046 # base_args is a word list without spaces in paths we create
-    boot 30 $(base_args "$work/probe-console" "$work/probe-results") -initrd "$guest_dir/initramfs.cpio" \
+    boot 30 $(base_args "$work/probe-console" "$work/probe-results") -no-reboot \
+        -initrd "$guest_dir/initramfs.cpio" \
         -machine q35 -accel kvm -cpu host -m 256M -smp 1 \
         -append "console=ttyS0 panic=-1 quiet guestvm.probe"
     grep -q '@@GUESTVM PROBE-OK' "$work/probe-results" 2>/dev/null && verdict=yes
@@ -152,7 +162,8 @@ fi
 # The per-run archive: the kernel unpacks concatenated cpio archives in order, so /job lands
 # on top of the base initramfs without rebuilding it.
 mkdir -p "$work/jobroot/job/pre" "$work/jobroot/job/post"
-printf 'FIO_ARGS=%q\n' "$fio_args" >"$work/jobroot/job/config"
+printf 'FIO_ARGS=%q\nREBOOTS=%d\nREBOOT_FIO_ARGS=%q\n' "$fio_args" "$reboots" \
+    "${reboot_fio_args:-$fio_args}" >"$work/jobroot/job/config"
 [[ -n $job ]] && cp "$job" "$work/jobroot/job/job.fio"
 add_snippets() {
     local dir=$1 i=0 spec name
@@ -184,18 +195,21 @@ boot "$timeout_s" $(base_args "$console_file" "$results_file") -initrd "$work/in
     -append "console=ttyS0 panic=-1 quiet"
 
 status=ok reason=
-if ((boot_rc == 124)); then
-    status=timeout reason="the guest did not finish within ${timeout_s}s"
-elif grep -q 'Kernel panic' "$console_file"; then
+# A panic first: with reboots allowed, a panicking guest may loop until the timeout.
+if grep -q 'Kernel panic' "$console_file"; then
     status=panic reason=$(grep -m1 'Kernel panic' "$console_file" | tr -d '\r')
+elif ((boot_rc == 124)); then
+    status=timeout reason="the guest did not finish within ${timeout_s}s"
 elif ((boot_rc != 0)); then
     status=qemu reason="qemu exited with status $boot_rc: $(tail -n3 "$work/qemu.err" | tr '\n' ' ')"
 elif grep -q '^@@GUESTVM ERROR' "$results_file"; then
     status=guest-error reason=$(grep -m1 '^@@GUESTVM ERROR' "$results_file" | tr -d '\r')
 elif ! grep -q '^@@GUESTVM DONE' "$results_file"; then
     status=missing-output reason="the guest did not report completion"
-elif [[ -n $job ]] && ! grep -q '^@@GUESTVM END fio rc=0' "$results_file"; then
-    status=fio reason="fio failed: $(grep -m1 '^@@GUESTVM END fio' "$results_file" | tr -d '\r' || echo 'no fio result')"
+elif (($(grep -c '^@@GUESTVM REBOOT' "$results_file") != reboots)); then
+    status=missing-output reason="the guest rebooted $(grep -c '^@@GUESTVM REBOOT' "$results_file") times, not $reboots"
+elif [[ -n $job ]] && (($(grep -c '^@@GUESTVM END fio rc=0' "$results_file") != reboots + 1)); then
+    status=fio reason="fio failed: $(grep '^@@GUESTVM END fio' "$results_file" | grep -v -m1 'rc=0' | tr -d '\r' || echo 'no fio result')"
 fi
 
 # A summary first (so a truncated guest stream cannot hide it), then the guest's stream.

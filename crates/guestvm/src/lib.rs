@@ -169,6 +169,11 @@ pub struct VmConfig {
     /// How long the guest may take from QEMU's start to its power-off.
     pub timeout: Duration,
     pub accel: AccelChoice,
+    /// How often the guest reboots (a machine reset within one QEMU process, so the
+    /// vhost-user connection stays while the device is reset), running everything again.
+    pub reboots: u32,
+    /// fio arguments for the boots after the first (default: `fio_args`).
+    pub reboot_fio_args: Vec<String>,
 }
 
 impl VmConfig {
@@ -185,6 +190,8 @@ impl VmConfig {
             mem_mib: 512,
             timeout: Duration::from_secs(180),
             accel: AccelChoice::Auto,
+            reboots: 0,
+            reboot_fio_args: Vec::new(),
         }
     }
 
@@ -241,6 +248,13 @@ impl VmConfig {
         self
     }
 
+    /// Reboots the guest `reboots` times; after the first boot fio gets `fio_args` instead.
+    pub fn reboots(mut self, reboots: u32, fio_args: &[&str]) -> Self {
+        self.reboots = reboots;
+        self.reboot_fio_args = fio_args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
     fn validate(&self) -> Result<(), Error> {
         let bad = |msg: String| Err(Error::InvalidConfig(msg));
         if self.fio_job.is_none() && self.pre.is_empty() && self.post.is_empty() {
@@ -249,10 +263,14 @@ impl VmConfig {
         if self.queues == 0 || self.vcpus == 0 || self.mem_mib == 0 || self.timeout.is_zero() {
             return bad("queues, vcpus, mem_mib and timeout must be non-zero".into());
         }
+        if self.reboots > 9 {
+            return bad(format!("{} reboots: at most 9", self.reboots));
+        }
         // The guest splits FIO_ARGS on whitespace.
         if let Some(arg) = self
             .fio_args
             .iter()
+            .chain(&self.reboot_fio_args)
             .find(|a| a.is_empty() || a.contains(char::is_whitespace))
         {
             return bad(format!("fio argument {arg:?} must be one non-empty word"));
@@ -284,12 +302,9 @@ impl fmt::Display for Accel {
     }
 }
 
-/// What a completed run reported.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GuestRun {
-    pub accel: Accel,
-    /// QEMU's wall time, boot to power-off.
-    pub elapsed: Duration,
+/// What one boot of the guest reported.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Boot {
     /// The guest's view of the disk (sysfs and a few more), as key=value.
     pub facts: BTreeMap<String, String>,
     /// fio's JSON document, when a fio job ran.
@@ -297,11 +312,9 @@ pub struct GuestRun {
     /// fio's stderr.
     pub fio_log: String,
     pub commands: Vec<CommandOutput>,
-    /// The guest's serial console (kernel messages and /init's progress).
-    pub console: String,
 }
 
-impl GuestRun {
+impl Boot {
     pub fn fact(&self, key: &str) -> Result<&str, Error> {
         self.facts
             .get(key)
@@ -326,6 +339,42 @@ impl GuestRun {
 
     pub fn fio(&self) -> Result<&Value, Error> {
         self.fio.as_ref().ok_or(Error::NoFioResult)
+    }
+}
+
+/// What a completed run reported. The accessors read the first boot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestRun {
+    pub accel: Accel,
+    /// QEMU's wall time, boot to power-off.
+    pub elapsed: Duration,
+    pub first_boot: Boot,
+    /// The boots after a guest reboot ([`VmConfig::reboots`]), in order.
+    pub reboots: Vec<Boot>,
+    /// The guest's serial console (kernel messages and /init's progress).
+    pub console: String,
+}
+
+impl GuestRun {
+    /// Every boot, first to last.
+    pub fn boots(&self) -> impl Iterator<Item = &Boot> {
+        std::iter::once(&self.first_boot).chain(&self.reboots)
+    }
+
+    pub fn fact(&self, key: &str) -> Result<&str, Error> {
+        self.first_boot.fact(key)
+    }
+
+    pub fn fact_u64(&self, key: &str) -> Result<u64, Error> {
+        self.first_boot.fact_u64(key)
+    }
+
+    pub fn command(&self, name: &str) -> Result<&CommandOutput, Error> {
+        self.first_boot.command(name)
+    }
+
+    pub fn fio(&self) -> Result<&Value, Error> {
+        self.first_boot.fio()
     }
 }
 
@@ -425,7 +474,8 @@ pub fn run(config: &VmConfig) -> Result<GuestRun, Error> {
         .args(["--vcpus", &config.vcpus.to_string()])
         .args(["--mem", &format!("{}M", config.mem_mib)])
         .args(["--timeout", &config.timeout.as_secs().max(1).to_string()])
-        .args(["--accel", config.accel.as_arg()]);
+        .args(["--accel", config.accel.as_arg()])
+        .args(["--reboots", &config.reboots.to_string()]);
     if let Some(job) = &config.fio_job {
         let job_path = work.path().join("job.fio");
         fs::write(&job_path, job).map_err(io_error("cannot write the fio job"))?;
@@ -433,6 +483,9 @@ pub fn run(config: &VmConfig) -> Result<GuestRun, Error> {
     }
     if !config.fio_args.is_empty() {
         command.args(["--fio-args", &config.fio_args.join(" ")]);
+    }
+    if !config.reboot_fio_args.is_empty() {
+        command.args(["--reboot-fio-args", &config.reboot_fio_args.join(" ")]);
     }
     for (flag, commands) in [("--pre", &config.pre), ("--cmd", &config.post)] {
         for c in commands {
@@ -504,17 +557,17 @@ pub fn run(config: &VmConfig) -> Result<GuestRun, Error> {
         report.summary.status
     );
 
-    let (fio_json, fio_exit) = match &report.fio {
-        Some(fio) => (fio.json.clone(), Some(fio.exit_code)),
-        None => (None, None),
-    };
+    let mut boots = report.boots.iter().map(|b| Boot {
+        facts: b.facts.clone(),
+        fio: b.fio.as_ref().and_then(|f| f.json.clone()),
+        fio_log: b.fio_log.clone().unwrap_or_default(),
+        commands: b.commands.clone(),
+    });
     let run = GuestRun {
         accel: Accel(accel.clone()),
         elapsed,
-        facts: report.facts.clone(),
-        fio: fio_json,
-        fio_log: report.fio_log.clone().unwrap_or_default(),
-        commands: report.commands.clone(),
+        first_boot: boots.next().unwrap_or_default(),
+        reboots: boots.collect(),
         console,
     };
     let fail = |kind: FailureKind, reason: String| {
@@ -548,37 +601,55 @@ pub fn run(config: &VmConfig) -> Result<GuestRun, Error> {
     if !report.done {
         return fail(FailureKind::MissingOutput, "no DONE marker".into());
     }
-    if report.facts.is_empty() {
-        return fail(FailureKind::MissingOutput, "no facts section".into());
-    }
-    let expected_commands = config.pre.len() + config.post.len();
-    if report.commands.len() != expected_commands {
+    let expected_boots = config.reboots as usize + 1;
+    if report.boots.len() != expected_boots {
         return fail(
             FailureKind::MissingOutput,
-            format!(
-                "{} of {expected_commands} commands reported",
-                report.commands.len()
-            ),
+            format!("{} of {expected_boots} boots reported", report.boots.len()),
         );
     }
-    if config.fio_job.is_some() {
-        match (&run.fio, fio_exit) {
-            (Some(json), Some(0)) => {
+    let expected_commands = config.pre.len() + config.post.len();
+    for (i, boot) in report.boots.iter().enumerate() {
+        if !boot.facts_seen {
+            return fail(
+                FailureKind::MissingOutput,
+                format!("boot {i}: no facts section"),
+            );
+        }
+        if boot.commands.len() != expected_commands {
+            return fail(
+                FailureKind::MissingOutput,
+                format!(
+                    "boot {i}: {} of {expected_commands} commands reported",
+                    boot.commands.len()
+                ),
+            );
+        }
+        if config.fio_job.is_none() {
+            continue;
+        }
+        let log = boot.fio_log.as_deref().unwrap_or_default();
+        match &boot.fio {
+            Some(report::FioOutput {
+                exit_code: 0,
+                json: Some(json),
+                ..
+            }) => {
                 let errors = fio_job_errors(json);
                 if !errors.is_empty() || fio_job_count(json) == 0 {
                     return fail(
                         FailureKind::Fio,
-                        format!("fio jobs failed: {errors:?}\n{}", run.fio_log),
+                        format!("boot {i}: fio jobs failed: {errors:?}\n{log}"),
                     );
                 }
             }
-            (_, rc) => {
+            other => {
                 return fail(
                     FailureKind::Fio,
                     format!(
-                        "fio exit code {rc:?}, JSON present: {}\n{}",
-                        run.fio.is_some(),
-                        run.fio_log
+                        "boot {i}: fio exit code {:?}, JSON present: {}\n{log}",
+                        other.as_ref().map(|f| f.exit_code),
+                        other.as_ref().is_some_and(|f| f.json.is_some())
                     ),
                 );
             }
@@ -651,19 +722,23 @@ mod tests {
         let run = GuestRun {
             accel: Accel("tcg".into()),
             elapsed: Duration::from_secs(1),
-            facts: BTreeMap::from([
-                ("size_bytes".to_string(), "4096".to_string()),
-                ("serial".to_string(), "x".to_string()),
-            ]),
-            fio: None,
-            fio_log: String::new(),
-            commands: vec![CommandOutput {
-                name: "c".into(),
-                output: "out\n".into(),
-                exit_code: 1,
-            }],
+            first_boot: Boot {
+                facts: BTreeMap::from([
+                    ("size_bytes".to_string(), "4096".to_string()),
+                    ("serial".to_string(), "x".to_string()),
+                ]),
+                fio: None,
+                fio_log: String::new(),
+                commands: vec![CommandOutput {
+                    name: "c".into(),
+                    output: "out\n".into(),
+                    exit_code: 1,
+                }],
+            },
+            reboots: vec![Boot::default()],
             console: String::new(),
         };
+        assert_eq!(run.boots().count(), 2);
         assert_eq!(run.fact_u64("size_bytes").unwrap(), 4096);
         assert!(matches!(run.fact_u64("serial"), Err(Error::BadFact { .. })));
         assert!(matches!(run.fact("nope"), Err(Error::MissingFact(_))));

@@ -22,6 +22,8 @@
 //! @@GUESTVM DONE
 //! ```
 //!
+//! A guest asked to reboot prints `@@GUESTVM REBOOT` and then the sections of its next boot.
+//!
 //! Only `/init` writes to the results port, so anything outside a section that is not a marker
 //! means the stream is corrupt and is an error.
 
@@ -86,14 +88,22 @@ pub struct FioOutput {
     pub preamble: String,
 }
 
+/// What one boot of the guest reported.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BootReport {
+    pub facts: BTreeMap<String, String>,
+    pub facts_seen: bool,
+    pub commands: Vec<CommandOutput>,
+    pub fio: Option<FioOutput>,
+    pub fio_log: Option<String>,
+}
+
 /// Everything one run reported.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     pub summary: Summary,
-    pub facts: BTreeMap<String, String>,
-    pub commands: Vec<CommandOutput>,
-    pub fio: Option<FioOutput>,
-    pub fio_log: Option<String>,
+    /// One entry per boot, in order; the first is always there.
+    pub boots: Vec<BootReport>,
     /// The guest's `@@GUESTVM ERROR` message, if it gave up.
     pub guest_error: Option<String>,
     /// The guest got to its last line.
@@ -106,10 +116,7 @@ pub fn parse(text: &str) -> Result<Report, ParseError> {
     let summary = parse_summary(&mut lines)?;
     let mut report = Report {
         summary,
-        facts: BTreeMap::new(),
-        commands: Vec::new(),
-        fio: None,
-        fio_log: None,
+        boots: vec![BootReport::default()],
         guest_error: None,
         done: false,
     };
@@ -143,8 +150,10 @@ fn parse_stream<'a>(
     lines: &mut impl Iterator<Item = &'a str>,
     report: &mut Report,
 ) -> Result<(), ParseError> {
-    let mut facts_seen = false;
     while let Some(line) = lines.next() {
+        let Some(boot) = report.boots.last_mut() else {
+            return Err(ParseError::Unterminated("boot".into()));
+        };
         let Some(marker) = line.strip_prefix(MARK) else {
             // Blank lines between sections carry nothing; anything else is corruption.
             if line.trim().is_empty() {
@@ -154,34 +163,36 @@ fn parse_stream<'a>(
         };
         if marker == "DONE" {
             report.done = true;
+        } else if marker == "REBOOT" {
+            report.boots.push(BootReport::default());
         } else if let Some(message) = marker.strip_prefix("ERROR ") {
             report.guest_error = Some(message.to_string());
         } else if marker == "BEGIN facts" {
-            if facts_seen {
+            if boot.facts_seen {
                 return Err(ParseError::Duplicate("facts".into()));
             }
-            facts_seen = true;
+            boot.facts_seen = true;
             let (body, _) = read_section(lines, "facts")?;
             for fact in body {
                 let (key, value) = fact
                     .split_once('=')
                     .filter(|(k, _)| !k.is_empty())
                     .ok_or_else(|| ParseError::BadFact(fact.to_string()))?;
-                report.facts.insert(key.to_string(), value.to_string());
+                boot.facts.insert(key.to_string(), value.to_string());
             }
         } else if marker == "BEGIN fio" {
-            if report.fio.is_some() {
+            if boot.fio.is_some() {
                 return Err(ParseError::Duplicate("fio".into()));
             }
             let (body, rest) = read_section(lines, "fio")?;
             let exit_code = parse_rc("fio", rest)?;
-            report.fio = Some(parse_fio(&body.join("\n"), exit_code));
+            boot.fio = Some(parse_fio(&body.join("\n"), exit_code));
         } else if marker == "BEGIN fio-log" {
-            if report.fio_log.is_some() {
+            if boot.fio_log.is_some() {
                 return Err(ParseError::Duplicate("fio-log".into()));
             }
             let (body, _) = read_section(lines, "fio-log")?;
-            report.fio_log = Some(join_output(&body));
+            boot.fio_log = Some(join_output(&body));
         } else if let Some(full_name) = marker.strip_prefix("BEGIN cmd ") {
             let section = format!("cmd {full_name}");
             let (body, rest) = read_section(lines, &section)?;
@@ -191,7 +202,7 @@ fn parse_stream<'a>(
                 Some((order, name)) if order.bytes().all(|b| b.is_ascii_digit()) => name,
                 _ => full_name,
             };
-            report.commands.push(CommandOutput {
+            boot.commands.push(CommandOutput {
                 name: name.to_string(),
                 output: join_output(&body),
                 exit_code,
@@ -325,11 +336,11 @@ mod tests {
         assert_eq!(report.summary.accel, "tcg");
         assert_eq!(report.summary.status, "ok");
         assert_eq!(report.summary.elapsed_seconds, Some(4.5));
-        assert_eq!(report.facts["ro"], "0");
-        assert_eq!(report.facts["write_cache"], "write back");
-        assert_eq!(report.facts["serial"], "");
+        assert_eq!(report.boots[0].facts["ro"], "0");
+        assert_eq!(report.boots[0].facts["write_cache"], "write back");
+        assert_eq!(report.boots[0].facts["serial"], "");
         assert_eq!(
-            report.commands,
+            report.boots[0].commands,
             vec![
                 CommandOutput {
                     name: "zeroes".into(),
@@ -343,7 +354,7 @@ mod tests {
                 },
             ]
         );
-        let fio = report.fio.expect("fio section");
+        let fio = report.boots[0].fio.clone().expect("fio section");
         assert_eq!(fio.exit_code, 0);
         assert_eq!(fio.preamble, "fio: a warning");
         let json = fio.json.expect("fio json");
@@ -365,7 +376,7 @@ mod tests {
         let text = with_summary("@@GUESTVM BEGIN facts\nro=1\n@@GUESTVM END facts\n");
         let report = parse(&text).expect("parse");
         assert!(!report.done);
-        assert_eq!(report.facts["ro"], "1");
+        assert_eq!(report.boots[0].facts["ro"], "1");
     }
 
     #[test]
@@ -436,10 +447,13 @@ mod tests {
              fio: verify failed\n@@GUESTVM END fio-log\n@@GUESTVM DONE\n",
         );
         let report = parse(&text).expect("parse");
-        let fio = report.fio.expect("fio section");
+        let fio = report.boots[0].fio.clone().expect("fio section");
         assert_eq!(fio.exit_code, 1);
         assert_eq!(fio.json, None);
-        assert_eq!(report.fio_log.as_deref(), Some("fio: verify failed\n"));
+        assert_eq!(
+            report.boots[0].fio_log.as_deref(),
+            Some("fio: verify failed\n")
+        );
     }
 
     #[test]
@@ -456,12 +470,40 @@ mod tests {
     }
 
     #[test]
+    fn each_boot_gets_its_own_sections() {
+        let text = with_summary(
+            "@@GUESTVM BEGIN facts\nboot=0\n@@GUESTVM END facts\n\
+             @@GUESTVM BEGIN cmd 000-a\nfirst\n@@GUESTVM END cmd 000-a rc=0\n\
+             @@GUESTVM REBOOT\n\
+             @@GUESTVM BEGIN facts\nboot=1\n@@GUESTVM END facts\n\
+             @@GUESTVM BEGIN cmd 000-a\nsecond\n@@GUESTVM END cmd 000-a rc=1\n\
+             @@GUESTVM DONE\n",
+        );
+        let report = parse(&text).expect("parse");
+        assert_eq!(report.boots.len(), 2);
+        assert_eq!(report.boots[0].facts["boot"], "0");
+        assert_eq!(report.boots[1].facts["boot"], "1");
+        assert_eq!(report.boots[0].commands[0].output, "first\n");
+        assert_eq!(report.boots[1].commands[0].output, "second\n");
+        assert_eq!(report.boots[1].commands[0].exit_code, 1);
+        assert!(report.done);
+    }
+
+    #[test]
+    fn two_facts_sections_in_one_boot_are_an_error() {
+        let text = with_summary(
+            "@@GUESTVM BEGIN facts\n@@GUESTVM END facts\n@@GUESTVM BEGIN facts\n@@GUESTVM END facts\n",
+        );
+        assert_eq!(parse(&text), Err(ParseError::Duplicate("facts".into())));
+    }
+
+    #[test]
     fn crlf_line_endings_are_accepted() {
         let text = with_summary(
             "@@GUESTVM BEGIN facts\r\nro=1\r\n@@GUESTVM END facts\r\n@@GUESTVM DONE\r\n",
         );
         let report = parse(&text).expect("parse");
-        assert_eq!(report.facts["ro"], "1");
+        assert_eq!(report.boots[0].facts["ro"], "1");
         assert!(report.done);
     }
 }

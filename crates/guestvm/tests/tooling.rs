@@ -149,3 +149,23 @@ fn hung_guest_times_out() {
         started.elapsed()
     );
 }
+
+#[test]
+fn reboot_runs_everything_again_on_the_same_connection() {
+    let _vm = vm_lock();
+    let Some(s) = setup("reboot_runs_everything_again_on_the_same_connection", 1) else {
+        return;
+    };
+    let config = VmConfig::new(&s.daemon.socket, &s.guest_dir)
+        .cmd("size", "blockdev --getsize64 /dev/vda")
+        .reboots(1, &[]);
+    let result = run(&config).expect("VM run with a reboot");
+    let boots: Vec<_> = result.boots().collect();
+    assert_eq!(boots.len(), 2);
+    for (i, boot) in boots.iter().enumerate() {
+        assert_eq!(boot.fact_u64("boot").unwrap(), i as u64);
+        let size = boot.command("size").unwrap();
+        assert_eq!(size.exit_code, 0);
+        assert_eq!(size.output.trim(), DISK_BYTES.to_string());
+    }
+}

@@ -57,7 +57,7 @@ fn boot(test: &str, config: &VmConfig) -> GuestRun {
             );
             run
         }
-        Err(e) => panic!("{test}: VM run failed: {e}"),
+        Err(e) => panic!("{test}: {e}"),
     }
 }
 
@@ -225,6 +225,37 @@ fn two_queues_data_survives_reconnect() {
 
     let second = boot(TEST, &config.fio_job(&job).fio_arg("--verify_only"));
     assert_fio_verified_only(TEST, &second, bytes);
+}
+
+#[test]
+fn guest_reboot_gets_a_working_disk_again() {
+    const TEST: &str = "guest_reboot_gets_a_working_disk_again";
+    let Some(vm) = vm(TEST) else { return };
+    let image = Image::new();
+    let (jobs, per_job_mib) = (2, 8);
+    let bytes = u64::from(jobs) * per_job_mib * MIB;
+    let server =
+        ServerProcess::start(&["--image", image.arg(), "--create", "128M", "--queues", "2"]);
+    // A reboot resets the machine inside one QEMU process: the vhost-user connection stays,
+    // the device is stopped and set up again. The second boot verifies the first one's data.
+    let run = boot(
+        TEST,
+        &vm.config(&server)
+            .queues(2)
+            .vcpus(2)
+            .fio_job(write_verify_job(jobs, per_job_mib))
+            .reboots(1, &["--verify_only"]),
+    );
+    assert_fio_wrote_and_verified(TEST, &run, jobs, bytes);
+    let again = run.reboots.first().expect("second boot");
+    assert_eq!(again.fact_u64("boot").unwrap(), 1);
+    assert_eq!(again.fact_u64("hw_queues").unwrap(), 2);
+    let fio = again.fio().expect("fio result of the second boot");
+    assert_eq!(
+        fio_io_bytes(fio, "read"),
+        bytes,
+        "{TEST}: bytes verified after the reboot"
+    );
 }
 
 #[test]
@@ -444,7 +475,11 @@ fn read_only_export_refuses_writes() {
                 "dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | od -An -tx1 | head -n1",
             ),
     );
-    assert_eq!(run.fact_u64("ro").unwrap(), 1);
+    assert_eq!(
+        run.fact_u64("ro").unwrap(),
+        1,
+        "{TEST}: the guest sees a writable disk"
+    );
     assert_eq!(run.fact_u64("size_bytes").unwrap(), size);
     for name in ["write", "discard", "zeroout"] {
         let c = run.command(name).unwrap();
