@@ -4,7 +4,7 @@ use std::ops::Deref;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
 
 use crate::config::DeviceConfig;
 use crate::wire::{
@@ -240,9 +240,26 @@ struct ParseState<'c> {
     range_count: u64,
     max_ranges: u32,
     range_error: Option<ParseError>,
+    /// Host mappings of the last two descriptors (guest start, guest end, host start): one
+    /// region lookup per descriptor serves the header, the data and the status byte.
+    translated: [(u64, u64, *mut u8); 2],
 }
 
 impl<'c> ParseState<'c> {
+    /// The host address of [addr, addr+len) when it lies inside a recently translated
+    /// descriptor.
+    fn host(&self, addr: GuestAddress, len: u32) -> Option<*mut u8> {
+        let (a, end) = (
+            addr.raw_value(),
+            addr.raw_value().checked_add(u64::from(len))?,
+        );
+        self.translated
+            .iter()
+            .find(|&&(start, stop, host)| !host.is_null() && start <= a && end <= stop)
+            // SAFETY: a - start < stop - start, the length of the mapped slice at `host`.
+            .map(|&(start, _, host)| unsafe { host.add((a - start) as usize) })
+    }
+
     fn new(cfg: &'c DeviceConfig, out: &Request) -> Self {
         let max_iovecs = (cfg.seg_max as usize)
             .saturating_add(2)
@@ -264,6 +281,7 @@ impl<'c> ParseState<'c> {
             range_count: 0,
             max_ranges: 0,
             range_error: None,
+            translated: [(0, 0, std::ptr::null_mut()); 2],
         }
     }
 
@@ -286,12 +304,23 @@ impl<'c> ParseState<'c> {
         } else {
             Permissions::Read
         };
-        if !mem.check_range(addr, len as usize, access) {
+        // Common case: the descriptor lies inside one region, and one lookup maps it.
+        // (Only plain memory: behind an IOMMU, access rights need the full check.)
+        let host = match mem
+            .physical_memory()
+            .map(|m| m.get_slice(addr, len as usize))
+        {
+            Some(Ok(slice)) => slice.ptr_guard_mut().as_ptr(),
+            _ => std::ptr::null_mut(),
+        };
+        if host.is_null() && !mem.check_range(addr, len as usize, access) {
             return Err(ParseError::AddressNotInGuestMemory {
                 addr: addr.raw_value(),
                 len,
             });
         }
+        self.translated[1] = self.translated[0];
+        self.translated[0] = (addr.raw_value(), addr.raw_value() + u64::from(len), host);
         if writable {
             self.writable(mem, addr, len, out)
         } else {
@@ -315,9 +344,19 @@ impl<'c> ParseState<'c> {
         let mut offset = 0u32;
         if self.header_filled < REQUEST_HEADER_SIZE {
             let take = (REQUEST_HEADER_SIZE - self.header_filled).min(len as usize);
-            let dst = &mut self.header[self.header_filled..self.header_filled + take];
-            mem.read_slice(dst, addr)
-                .map_err(|_| not_in_memory(addr, len))?;
+            match self.host(addr, take as u32) {
+                Some(src) => {
+                    for i in 0..take {
+                        // SAFETY: [src, src+take) lies in the mapped descriptor (see host()).
+                        self.header[self.header_filled + i] = unsafe { src.add(i).read_volatile() };
+                    }
+                }
+                None => {
+                    let dst = &mut self.header[self.header_filled..self.header_filled + take];
+                    mem.read_slice(dst, addr)
+                        .map_err(|_| not_in_memory(addr, len))?;
+                }
+            }
             self.header_filled += take;
             offset = take as u32;
             if self.header_filled == REQUEST_HEADER_SIZE {
@@ -435,6 +474,20 @@ impl<'c> ParseState<'c> {
         if self.segments_overflow {
             return Ok(());
         }
+        if len == 0 {
+            return Ok(());
+        }
+        if let Some(base) = self.host(addr, len) {
+            if out.iovecs.len() >= self.max_iovecs {
+                self.segments_overflow = true;
+                return Ok(());
+            }
+            out.iovecs.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: len as usize,
+            });
+            return Ok(());
+        }
         let slices = mem
             .get_slices(addr, len as usize, access)
             .map_err(|_| not_in_memory(addr, len))?;
@@ -517,7 +570,10 @@ impl<'c> ParseState<'c> {
         // len >= 1: empty descriptors never become pending.
         let status_addr = addr.unchecked_add(u64::from(len - 1));
         self.writable_data(mem, addr, len - 1, out)?;
-        out.status = status_pointer(mem, status_addr)?;
+        out.status = match self.host(status_addr, 1) {
+            Some(p) => p,
+            None => status_pointer(mem, status_addr)?,
+        };
         self.validate(out)
     }
 
