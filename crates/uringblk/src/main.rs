@@ -145,6 +145,7 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
             cpus,
             writeback: !cli.writethrough,
             merge: MergeLimits::default(),
+            poll: std::time::Duration::from_micros(cli.poll_us),
         },
         storage.clone(),
     )

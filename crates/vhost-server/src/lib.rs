@@ -59,6 +59,9 @@ pub struct ServerConfig {
     /// Write cache enabled at start (the guest may switch it through CONFIG_WCE).
     pub writeback: bool,
     pub merge: MergeLimits,
+    /// After a batch, keep polling the thread's avail rings and completion queue this long
+    /// (with guest notifications off) before sleeping in epoll; 0 disables polling.
+    pub poll: Duration,
 }
 
 /// Spreads `queues` over `threads` as evenly as possible, contiguous runs per thread.
@@ -95,6 +98,7 @@ struct Inner {
     writeback: Arc<AtomicBool>,
     acked_features: AtomicU64,
     stopping: AtomicBool,
+    poll: Duration,
     threads: Vec<Mutex<IoThread>>,
 }
 
@@ -186,6 +190,7 @@ impl BlkBackend {
             writeback,
             acked_features: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            poll: cfg.poll,
             threads,
         })))
     }
@@ -285,6 +290,11 @@ impl IoThread {
     /// Pops every available chain of one queue, with notifications off while draining and a
     /// re-check after turning them back on so that no kick is lost.
     fn drain_queue(&mut self, inner: &Inner, vring: &Vring, local: usize, queue: u16) {
+        self.drain(inner, vring, local, queue, true);
+    }
+
+    /// Drains a queue; with `rearm` false notifications stay off (the thread is polling).
+    fn drain(&mut self, inner: &Inner, vring: &Vring, local: usize, queue: u16, rearm: bool) {
         let Some(mem) = self.current_memory() else {
             log::warn!("queue {queue} kicked before the memory table was set");
             return;
@@ -329,6 +339,9 @@ impl IoThread {
                     },
                 }
             }
+            if !rearm {
+                break;
+            }
             match v.enable_notification() {
                 Ok(true) => continue,
                 Ok(false) => break,
@@ -340,12 +353,70 @@ impl IoThread {
         }
     }
 
+    /// True if the guest has published chains this thread has not popped yet.
+    fn has_avail(&self, vring: &Vring) -> bool {
+        let Some(mem) = self.pinned.last() else {
+            return false;
+        };
+        let v = vring.get_ref();
+        let q = v.get_queue();
+        q.ready()
+            && q.avail_idx(&**mem, Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != q.next_avail())
+    }
+
+    /// Busy-polls the thread's avail rings and its completion queue for `inner.poll` after the
+    /// last sign of work, with guest notifications off so the guest need not kick; then turns
+    /// notifications back on (draining whatever raced in) before the thread sleeps in epoll.
+    fn poll(&mut self, inner: &Inner, vrings: &[Vring], first_queue: usize) -> io::Result<()> {
+        // Only started queues: a stopped one has no rings to look at or write to.
+        let ready: u64 = vrings
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.get_ref().get_queue().ready())
+            .fold(0, |m, (i, _)| m | 1 << i);
+        for (local, vring) in vrings.iter().enumerate() {
+            if ready & (1 << local) != 0 {
+                let _ = vring.get_mut().disable_notification();
+            }
+        }
+        let mut idle_since = Instant::now();
+        while idle_since.elapsed() < inner.poll && !inner.stopping.load(Ordering::Relaxed) {
+            let mut busy = false;
+            for (local, vring) in vrings.iter().enumerate() {
+                if ready & (1 << local) != 0 && self.engine.can_accept() && self.has_avail(vring) {
+                    self.drain(inner, vring, local, (first_queue + local) as u16, false);
+                    busy = true;
+                }
+            }
+            self.engine.submit()?;
+            if self.engine.in_flight() > 0 {
+                self.engine.reap()?;
+            }
+            busy |= self.deliver(inner, vrings);
+            if busy {
+                idle_since = Instant::now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        for (local, vring) in vrings.iter().enumerate() {
+            if ready & (1 << local) != 0 {
+                self.drain(inner, vring, local, (first_queue + local) as u16, true);
+            }
+        }
+        self.engine.submit()?;
+        self.deliver(inner, vrings);
+        Ok(())
+    }
+
     /// Puts completions on their used rings and signals each queue at most once.
-    fn deliver(&mut self, inner: &Inner, vrings: &[Vring]) {
+    /// Returns whether there was anything to deliver.
+    fn deliver(&mut self, inner: &Inner, vrings: &[Vring]) -> bool {
         self.done.clear();
         self.done.extend(self.engine.take_completions());
         if self.done.is_empty() {
-            return;
+            return false;
         }
         let mut dirty = 0u64;
         for c in &self.done {
@@ -374,6 +445,7 @@ impl IoThread {
                 }
             }
         }
+        true
     }
 }
 
@@ -504,6 +576,10 @@ impl VhostUserBackend for BlkBackend {
                     t.drain_queue(inner, vring, local, queue as u16);
                 }
             }
+        }
+        if !inner.poll.is_zero() && !stopping {
+            let first_queue = inner.masks[thread_id].trailing_zeros() as usize;
+            t.poll(inner, vrings, first_queue)?;
         }
         Ok(())
     }

@@ -25,6 +25,7 @@ fn backend(queues: u16, iothreads: usize) -> BlkBackend {
             cpus: vec![],
             writeback: true,
             merge: MergeLimits::default(),
+            poll: Duration::ZERO,
         },
         Arc::new(Backend::null(1 << 20)),
     )
@@ -221,6 +222,7 @@ fn bad_thread_and_cpu_counts_are_refused() {
                 cpus,
                 writeback: true,
                 merge: MergeLimits::default(),
+                poll: Duration::ZERO,
             },
             Arc::new(Backend::null(1 << 20)),
         )
@@ -246,6 +248,7 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
             cpus: vec![],
             writeback: true,
             merge: MergeLimits::default(),
+            poll: Duration::ZERO,
         },
         Arc::new(Backend::null(1 << 20)),
     )
