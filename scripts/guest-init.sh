@@ -76,15 +76,18 @@ REBOOT_FIO_ARGS=
 
 # Boots are counted in CMOS RAM, which QEMU zeroes at power-on but keeps across a machine
 # reset: byte 0x7e holds the index of this boot, byte 0x7d the index + 1 of the last boot
-# that got here. Bytes 0x7d-0x7e are unused by QEMU and SeaBIOS.
-cmos_select() { printf "\\$(printf %03o "$1")" | dd of=/dev/port bs=1 seek=112 count=1 conv=notrunc 2>/dev/null; }
+# that got here. QEMU's PC CMOS layout and SeaBIOS use bytes up to 0x5f only.
+# Prints the byte of value $1 (an octal escape built into printf's format on purpose).
+# shellcheck disable=SC2059
+byte() { printf "\\$(printf %03o "$1")"; }
+cmos_select() { byte "$1" | dd of=/dev/port bs=1 seek=112 count=1 conv=notrunc 2>/dev/null; }
 cmos_read() {
     cmos_select "$1"
     dd if=/dev/port bs=1 skip=113 count=1 2>/dev/null | od -An -tu1 | tr -d ' \n'
 }
 cmos_write() {
     cmos_select "$1"
-    printf "\\$(printf %03o "$2")" | dd of=/dev/port bs=1 seek=113 count=1 conv=notrunc 2>/dev/null
+    byte "$2" | dd of=/dev/port bs=1 seek=113 count=1 conv=notrunc 2>/dev/null
 }
 boot=0
 if [ "$REBOOTS" -gt 0 ]; then
@@ -131,7 +134,7 @@ emit /tmp/facts
 
 # Runs every snippet of a /job subfolder, each between markers with its exit code.
 run_snippets() {
-    for f in /job/$1/*; do
+    for f in /job/"$1"/*; do
         [ -f "$f" ] || continue
         name=${f##*/}
         say "running $1/$name"

@@ -25,8 +25,8 @@ set -euo pipefail
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_root=$(cd "$script_dir/.." && pwd)
 
-socket= job= fio_args= queues=1 vcpus=1 mem=512M timeout_s=300 accel=auto
-guest_dir=$repo_root/build/guest console_log= build=1 reboots=0 reboot_fio_args=
+socket='' job='' fio_args='' queues=1 vcpus=1 mem=512M timeout_s=300 accel=auto
+guest_dir=$repo_root/build/guest console_log='' build=1 reboots=0 reboot_fio_args=''
 pre_cmds=() post_cmds=()
 
 log() { echo "run-vm: $*" >&2; }
@@ -156,6 +156,7 @@ esac
 if [[ $accel == kvm ]]; then
     accel_args=(-accel kvm -cpu host)
 else
+    # shellcheck disable=SC2054 # the commas belong to the -accel option
     accel_args=(-accel tcg,thread=multi -cpu max)
 fi
 
