@@ -504,6 +504,23 @@ fn a_header_split_into_sixteen_one_byte_descriptors_works() {
         assert_eq!(f.byte(STATUS + 1), VIRTIO_BLK_S_OK);
         assert_eq!(f.bytes(DATA + 0x1000, 1024), data);
         assert_eq!(q.used_entries(&m), vec![(0, 1), (20, 1025)]);
+
+        // One 16-byte header descriptor that crosses from region A into region B (adjacent in
+        // the guest, apart in the host), and a status byte that is the last byte of region A.
+        let hdr = REGION_B - 7;
+        f.header(hdr, VIRTIO_BLK_T_IN, 100);
+        q.chain(
+            &m,
+            40,
+            &[
+                (hdr, 16, false),
+                (REGION_C + 0x800, 1024, true),
+                (REGION_B - 8, 1, true),
+            ],
+        );
+        f.submit(0, &[40]);
+        assert_eq!(f.byte(REGION_B - 8), VIRTIO_BLK_S_OK);
+        assert_eq!(f.bytes(REGION_C + 0x800, 1024), data);
     });
 }
 
@@ -543,6 +560,44 @@ fn a_zero_length_writable_descriptor_after_the_status_is_ignored() {
         assert_eq!(f.bytes(DATA, 512), f.file(2 * SECTOR, 512));
         assert_eq!(f.byte(STATUS + 1), FILL);
         assert_eq!(f.byte(STATUS + 2), VIRTIO_BLK_S_OK);
+    });
+}
+
+/// More requests in flight than the thread has request slots for (the guest publishes the
+/// same 64 heads again while the first 64 are still being read), so the drain stops for
+/// want of a free request and must resume as completions free some: all 128 are answered.
+#[test]
+fn heads_republished_while_in_flight_beyond_the_request_pool_are_all_answered() {
+    both_modes(1, 1, |f| {
+        let q = f.q(0);
+        let m = f.mem();
+        // Every head is an indirect descriptor to the same 256 KiB read (across regions A
+        // and B). With O_DIRECT the first batch is still in flight at the second kick (from
+        // the page cache it may all complete inside the first).
+        f.header(HDR, VIRTIO_BLK_T_IN, 0);
+        let len = 256 << 10;
+        write_chain(
+            &m,
+            IND,
+            0,
+            &[(HDR, 16, false), (DATA, len, true), (STATUS, 1, true)],
+        );
+        for i in 0..QSIZE {
+            q.desc(&m, i, IND, 3 * 16, VRING_DESC_F_INDIRECT, 0);
+        }
+        let heads: Vec<u16> = (0..QSIZE).collect();
+        let before = f.dev.answered();
+        q.publish(&m, &heads);
+        if let Err(e) = f.dev.kick(&[0], TIMEOUT) {
+            f.guest.keep_mapped();
+            panic!("{e}");
+        }
+        q.publish(&m, &heads);
+        f.run(&[0], before + 2 * u64::from(QSIZE));
+        assert_eq!(q.used_idx(&m), 2 * QSIZE);
+        assert!(q.used_entries(&m).iter().all(|&(_, l)| l == len + 1));
+        assert_eq!(f.byte(STATUS), VIRTIO_BLK_S_OK);
+        assert_eq!(f.bytes(DATA, len as usize), f.file(0, len as usize));
     });
 }
 
