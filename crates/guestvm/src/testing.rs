@@ -13,13 +13,16 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-/// Checks that VMs can run here and builds the guest (once per process). Returns the guest
-/// folder, or `None` after printing "SKIPPED: <reason>" when a prerequisite is missing outside
-/// CI. In CI a missing prerequisite panics, and a failed guest build panics everywhere.
-pub fn guest_or_skip(test_name: &str) -> Option<PathBuf> {
+/// Checks that VMs can run here (and that `extra_tools` are installed) and builds the guest
+/// (once per process). Returns the guest folder, or `None` after printing "SKIPPED: <reason>"
+/// when a prerequisite is missing outside CI. In CI a missing prerequisite panics, and a failed
+/// guest build panics everywhere.
+pub fn guest_or_skip(test_name: &str, extra_tools: &[&str]) -> Option<PathBuf> {
     let mut missing = missing_prerequisites();
-    if !crate::find_in_path("qemu-storage-daemon") {
-        missing.push("qemu-storage-daemon".into());
+    for tool in extra_tools {
+        if !crate::find_in_path(tool) {
+            missing.push(tool.to_string());
+        }
     }
     if !missing.is_empty() {
         let reason = format!(

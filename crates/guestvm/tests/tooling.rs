@@ -17,7 +17,7 @@ struct Setup {
 }
 
 fn setup(test_name: &str, num_queues: u32) -> Option<Setup> {
-    let guest_dir = guest_or_skip(test_name)?;
+    let guest_dir = guest_or_skip(test_name, &["qemu-storage-daemon"])?;
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("disk.img");
     std::fs::File::create(&image)

@@ -31,7 +31,7 @@ struct Vm {
 
 fn vm(test_name: &str) -> Option<Vm> {
     let slot = vm_lock();
-    let guest_dir = guest_or_skip(test_name)?;
+    let guest_dir = guest_or_skip(test_name, &[])?;
     Some(Vm {
         _slot: slot,
         guest_dir,
@@ -216,6 +216,7 @@ fn two_queues_data_survives_reconnect() {
     assert_eq!(after.len(), 2, "{TEST}: virtqueue interrupts {after:?}");
     // fio's jobs are spread over both vCPUs, so both queues must have completed many of the
     // thousands of requests; a queue without completions was never served.
+    eprintln!("{TEST}: virtqueue interrupts before fio {before:?}, after {after:?}");
     for ((queue, b), (_, a)) in before.iter().zip(&after) {
         assert!(
             a.saturating_sub(*b) >= 10,
@@ -434,6 +435,7 @@ done";
     );
     let write_requests = large["writes_after"].parse::<u64>().unwrap()
         - large["writes_before"].parse::<u64>().unwrap();
+    eprintln!("{TEST}: 40 MiB of write-zeroes took {write_requests} write requests");
     assert!(
         (1..=4).contains(&write_requests),
         "{TEST}: 40 MiB of write-zeroes took {write_requests} write requests \
@@ -443,6 +445,7 @@ done";
     let discard = key_values(&run.command("discard").unwrap().output);
     let discard_requests = discard["discards_after"].parse::<u64>().unwrap()
         - discard["discards_before"].parse::<u64>().unwrap();
+    eprintln!("{TEST}: 16 MiB of discard took {discard_requests} discard requests");
     assert!(
         discard_requests >= 1,
         "{TEST}: blkdiscard sent no discard request"
