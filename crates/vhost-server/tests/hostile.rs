@@ -172,7 +172,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
-// ----- 2. garbage on one queue does not take the other down -----
+// ----- garbage on one queue does not take the other down -----
 
 /// Malformed and invalid chains at heads 0..; returns the heads (one of them >= QSIZE).
 fn publish_garbage(f: &Fixture, queue: usize) -> Vec<u16> {
@@ -323,7 +323,7 @@ fn garbage_on_queue_0_leaves_queue_1_working_with_two_iothreads() {
     garbage_then_valid(2);
 }
 
-// ----- 3. malformed shapes -----
+// ----- malformed shapes -----
 
 #[test]
 fn indirect_tables_that_nest_or_loop_are_returned_empty() {
@@ -601,7 +601,7 @@ fn heads_republished_while_in_flight_beyond_the_request_pool_are_all_answered() 
     });
 }
 
-// ----- 4. data buffers on top of the rings -----
+// ----- data buffers on top of the rings -----
 
 #[test]
 fn data_buffers_overlapping_the_descriptor_table_and_used_ring_do_not_crash() {
@@ -700,7 +700,7 @@ fn an_avail_index_too_far_ahead_does_not_hang_the_iothread() {
     }
 }
 
-// ----- 1. random chains -----
+// ----- random chains -----
 
 mod random {
     //! Random descriptor tables, indirect tables, headers and avail entries on a queue of 16,
