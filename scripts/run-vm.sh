@@ -136,7 +136,7 @@ kvm_works() {
         [[ $(sed -n 2p "$cache") == yes ]]
         return
     fi
-    log "probing KVM with a short boot"
+    log "probing KVM with a short boot (a QEMU abort reported below is a failed probe)"
     local verdict=no
     # shellcheck disable=SC2046 # base_args is a word list without spaces in paths we create
     boot 30 $(base_args "$work/probe-console" "$work/probe-results") -no-reboot \

@@ -1,6 +1,7 @@
 //! Helpers for VM tests: the prerequisite gate, a one-time guest build, a lock that keeps VMs
 //! from running side by side, and qemu-storage-daemon as a reference vhost-user-blk server.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -30,7 +31,9 @@ pub fn guest_or_skip(test_name: &str, extra_tools: &[&str]) -> Option<PathBuf> {
             missing.join(", ")
         );
         assert!(!in_ci(), "CI must install the VM prerequisites: {reason}");
-        eprintln!("SKIPPED: {reason}");
+        // Straight to stderr: libtest captures eprintln! of passing tests, and a skip must
+        // be seen.
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
         return None;
     }
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
