@@ -4,6 +4,8 @@
 //! - fio write + crc32c verify with several jobs at QD 16, on 1 and on 2 queues, then the same
 //!   data verified again by a second VM (reconnect to the same server) and by a VM on a new
 //!   server process (restart);
+//! - a guest reboot (a machine reset inside one QEMU: same connection, device reset and set up
+//!   again) gets a working disk with the data still there;
 //! - the guest's sysfs view of the disk matches the flags the server was started with;
 //! - blkdiscard and blkdiscard -z succeed and the zeroed ranges read back as zeros;
 //! - a read-only export refuses writes.
