@@ -83,6 +83,9 @@ struct IoThread {
     pinned: Vec<Arc<Mem>>,
     /// Local queues left with chains because the request pool was full.
     throttled: u64,
+    /// Local queues whose avail index the guest broke (it claims chains virtio-queue refuses
+    /// to hand out): not drained again until the queue is stopped, lest the thread spin.
+    broken: u64,
     malformed_logged: u64,
     /// Scratch for completions (reused, never shrinks).
     done: Vec<engine::Completion>,
@@ -174,6 +177,7 @@ impl BlkBackend {
                 mem: None,
                 pinned: Vec::new(),
                 throttled: 0,
+                broken: 0,
                 malformed_logged: 0,
                 done: Vec::with_capacity(max_requests),
             }));
@@ -234,6 +238,7 @@ impl BlkBackend {
             t.mem = None;
             t.pinned.clear();
             t.throttled = 0;
+            t.broken = 0;
         }
     }
 
@@ -299,6 +304,9 @@ impl IoThread {
             log::warn!("queue {queue} kicked before the memory table was set");
             return;
         };
+        if self.broken & (1 << local) != 0 {
+            return;
+        }
         let mut v = vring.get_mut();
         self.throttled &= !(1 << local);
         loop {
@@ -310,8 +318,25 @@ impl IoThread {
                     self.throttled |= 1 << local;
                     return;
                 }
-                let Some(chain) = v.get_queue_mut().pop_descriptor_chain(&*mem) else {
-                    break;
+                let chain = match v.get_queue_mut().pop_descriptor_chain(&*mem) {
+                    Some(chain) => chain,
+                    // Nothing published, or an avail index virtio-queue refuses (more than a
+                    // queue ahead) that would otherwise look "available" forever: pop once
+                    // more so a chain published meanwhile is not mistaken for the latter.
+                    None if avail_pending(&v, &mem) => {
+                        match v.get_queue_mut().pop_descriptor_chain(&*mem) {
+                            Some(chain) => chain,
+                            None => {
+                                self.broken |= 1 << local;
+                                log::error!(
+                                    "queue {queue}: the guest's avail index is invalid; \
+                                     queue stopped until it is reset"
+                                );
+                                return;
+                            }
+                        }
+                    }
+                    None => break,
                 };
                 let head = chain.head_index();
                 let Some(mut req) = self.engine.take_request() else {
@@ -359,10 +384,7 @@ impl IoThread {
             return false;
         };
         let v = vring.get_ref();
-        let q = v.get_queue();
-        q.ready()
-            && q.avail_idx(&**mem, Ordering::Acquire)
-                .is_ok_and(|idx| idx.0 != q.next_avail())
+        v.get_queue().ready() && avail_pending(&v, mem)
     }
 
     /// Busy-polls the thread's avail rings and its completion queue for `inner.poll` after the
@@ -384,7 +406,8 @@ impl IoThread {
         while idle_since.elapsed() < inner.poll && !inner.stopping.load(Ordering::Relaxed) {
             let mut busy = false;
             for (local, vring) in vrings.iter().enumerate() {
-                if ready & (1 << local) != 0 && self.engine.can_accept() && self.has_avail(vring) {
+                let live = ready & !self.broken;
+                if live & (1 << local) != 0 && self.engine.can_accept() && self.has_avail(vring) {
                     self.drain(inner, vring, local, (first_queue + local) as u16, false);
                     busy = true;
                 }
@@ -447,6 +470,13 @@ impl IoThread {
         }
         true
     }
+}
+
+/// The guest's avail index differs from the next chain this queue would pop.
+fn avail_pending(v: &vhost_user_backend::VringState<GuestMem>, mem: &Mem) -> bool {
+    let q = v.get_queue();
+    q.avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != q.next_avail())
 }
 
 impl VhostUserBackend for BlkBackend {
@@ -518,9 +548,11 @@ impl VhostUserBackend for BlkBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // GET_VRING_BASE: the frontend reads next_avail after this returns, so every request
         // of the queue must be completed and on the used ring first.
-        let Some(&(t, _)) = self.0.placement.get(queue_index as usize) else {
+        let Some(&(t, local)) = self.0.placement.get(queue_index as usize) else {
             return Ok(());
         };
+        // A restarted queue starts from a fresh avail index.
+        self.thread(t).broken &= !(1 << local);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if self.thread(t).engine.in_flight_on(queue_index as u16) == 0 {
