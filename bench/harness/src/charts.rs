@@ -122,21 +122,54 @@ fn draw_matrix(summary: &Summary, path: &Path, metric: MatrixMetric) -> Result<(
         .map_err(chart_err)?;
     let panels = body.split_evenly((panel_rows, cols));
     for ((job, queues), panel) in rows.iter().zip(panels.iter()) {
-        let bars: Vec<(Target, Option<Spread>, Option<Spread>)> = targets
+        let bar = |t: Target| {
+            let p = summary.point(Phase::Matrix, t, job, *queues);
+            match metric {
+                MatrixMetric::Iops => (t, p.and_then(|p| p.iops), None),
+                MatrixMetric::Latency => (
+                    t,
+                    p.and_then(|p| p.lat_p99_us),
+                    p.and_then(|p| p.lat_p50_us),
+                ),
+            }
+        };
+        // The null backends run an order of magnitude faster than any disk: they get their own
+        // scale, on the right of each panel.
+        let file_bars: Vec<_> = targets
             .iter()
-            .map(|t| {
-                let p = summary.point(Phase::Matrix, *t, job, *queues);
-                match metric {
-                    MatrixMetric::Iops => (*t, p.and_then(|p| p.iops), None),
-                    MatrixMetric::Latency => (
-                        *t,
-                        p.and_then(|p| p.lat_p99_us),
-                        p.and_then(|p| p.lat_p50_us),
-                    ),
-                }
-            })
+            .copied()
+            .filter(|t| t.backend() == Backend::File)
+            .map(bar)
             .collect();
-        draw_bar_panel(panel, &format!("{job}, {queues} queue(s)"), &bars, metric)?;
+        let null_bars: Vec<_> = targets
+            .iter()
+            .copied()
+            .filter(|t| t.backend() == Backend::Null)
+            .map(bar)
+            .collect();
+        let (title, rest) = panel.split_vertically(30);
+        title
+            .draw(&Text::new(
+                format!("{job}, {queues} queue(s)"),
+                (12, 6),
+                (FONT, 19).into_font(),
+            ))
+            .map_err(chart_err)?;
+        let width = rest.dim_in_pixel().0;
+        let split = if null_bars.is_empty() {
+            width
+        } else if file_bars.is_empty() {
+            0
+        } else {
+            width * 3 / 5
+        };
+        let (left, right) = rest.split_horizontally(split);
+        if !file_bars.is_empty() {
+            draw_bar_panel(&left, "file backend, host", &file_bars, metric)?;
+        }
+        if !null_bars.is_empty() {
+            draw_bar_panel(&right, "null backend", &null_bars, metric)?;
+        }
     }
     root.present().map_err(chart_err)?;
     Ok(())
@@ -157,8 +190,8 @@ fn draw_bar_panel(
     // An integer range's segments include both ends: 0..n-1 gives n bars.
     let last = bars.len().max(1) as i32 - 1;
     let mut chart = ChartBuilder::on(area)
-        .caption(caption, (FONT, 19))
-        .margin(12)
+        .caption(caption, (FONT, 15))
+        .margin(8)
         .x_label_area_size(28)
         .y_label_area_size(70)
         .build_cartesian_2d((0..last).into_segmented(), 0f64..y_max)
