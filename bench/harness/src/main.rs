@@ -91,6 +91,9 @@ struct Cli {
     /// uringblk-loadgen binary (default: next to this program).
     #[arg(long)]
     loadgen: Option<PathBuf>,
+    /// Extra argument for every uringblk server (repeatable), e.g. --uringblk-arg=--poll-us=0.
+    #[arg(long = "uringblk-arg", allow_hyphen_values = true)]
+    uringblk_args: Vec<String>,
     #[arg(long, default_value = "qemu-storage-daemon")]
     qsd: PathBuf,
     #[arg(long, default_value = "fio")]
@@ -359,6 +362,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         completion: cli.completion,
         workdir: workdir.path().to_path_buf(),
         guest_dir,
+        uringblk_args: cli.uringblk_args.clone(),
     };
 
     preflight(&env, &targets, &jobs, &cli.queues, &server_cpus)?;
@@ -387,6 +391,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
             queue_counts: cli.queues.clone(),
             scaling,
             guest,
+            uringblk_args: cli.uringblk_args.clone(),
         },
         machine: machine_info,
         points: report::summarize(&records),
@@ -511,6 +516,9 @@ mod tests {
             "--image-size",
             "2G",
             "--no-scaling",
+            "--uringblk-arg=--poll-us=0",
+            "--uringblk-arg",
+            "--queue-size=512",
         ])
         .unwrap();
         assert!(cli.full && cli.no_scaling);
@@ -519,6 +527,7 @@ mod tests {
         assert_eq!(cli.server_cpus, Some(CpuList(vec![2, 3])));
         assert_eq!(cli.client_cpus, Some(CpuList(vec![0])));
         assert_eq!(cli.image_size, 2 << 30);
+        assert_eq!(cli.uringblk_args, ["--poll-us=0", "--queue-size=512"]);
         assert_eq!(cli.runtime, Some(Duration::from_secs(2)));
         assert!(Cli::try_parse_from(["uringblk-bench", "--quick", "--full"]).is_err());
         assert!(Cli::try_parse_from(["uringblk-bench", "--targets", "nope"]).is_err());

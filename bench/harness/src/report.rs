@@ -56,6 +56,9 @@ pub struct Settings {
     pub scaling: bool,
     #[serde(default)]
     pub guest: bool,
+    /// Extra arguments every uringblk server got (none: its defaults).
+    #[serde(default)]
+    pub uringblk_args: Vec<String>,
 }
 
 /// Everything a report is drawn from; saved as bench/results/latest.json.
@@ -340,6 +343,13 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
         m.loadavg_end,
         summary.raw_file,
     );
+    if !s.uringblk_args.is_empty() {
+        let _ = writeln!(
+            out,
+            "uringblk ran with extra arguments: `{}`.\n",
+            s.uringblk_args.join(" ")
+        );
+    }
     if let Some(prefix) = image_prefix {
         let _ = writeln!(out, "![IOPS per job and target]({prefix}iops.png)\n");
         let _ = writeln!(out, "![Latency per job and target]({prefix}latency.png)\n");
@@ -743,6 +753,7 @@ mod tests {
             queue_counts: vec![1],
             scaling: false,
             guest: false,
+            uringblk_args: vec![],
         }
     }
 

@@ -12,7 +12,7 @@ use uringblk_loadgen::CompletionMode;
 use crate::clients::{self, ClientKind, ClientOutcome, Timing};
 use crate::matrix::{Phase, RunSpec};
 use crate::record::RunRecord;
-use crate::targets::{server_command, ServerProcess, ServerSetup};
+use crate::targets::{server_command, Server, ServerProcess, ServerSetup};
 use crate::BenchError;
 
 /// Programs, files and pinning shared by every run.
@@ -31,6 +31,8 @@ pub struct Environment {
     pub workdir: PathBuf,
     /// The built measurement guest, for guest fio runs.
     pub guest_dir: Option<PathBuf>,
+    /// Extra arguments appended to every uringblk command line.
+    pub uringblk_args: Vec<String>,
 }
 
 /// One planned run and how long it lasts.
@@ -120,7 +122,10 @@ fn run_client_and_server(
         iothreads: spec.iothreads,
         cpus: &spec.server_cpus,
     };
-    let server_argv = server_command(server, spec.target.backend(), &setup);
+    let mut server_argv = server_command(server, spec.target.backend(), &setup);
+    if server == Server::Uringblk {
+        server_argv.extend(env.uringblk_args.iter().cloned());
+    }
     record.server_argv = Some(server_argv.clone());
     let mut process = ServerProcess::start(
         server_argv,
