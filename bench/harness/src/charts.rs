@@ -280,7 +280,8 @@ fn draw_scaling(summary: &Summary, path: &Path) -> Result<(), BenchError> {
     header
         .draw(&Text::new(
             format!(
-                "Per-core scaling: randread 4k QD32 per queue, iothreads = queues · {}",
+                "Per-core scaling: randread 4k QD32 per queue, iothreads = queues \
+                 (qemu-storage-daemon: 1 iothread) · {}",
                 summary.run_id
             ),
             (20, 12),

@@ -540,6 +540,17 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
     out
 }
 
+/// qemu-storage-daemon 7.2 serves an export from one iothread whatever the queue count: say so
+/// rather than print the sweep's nominal thread count.
+fn scaling_threads_label(p: &PointSummary) -> String {
+    match p.target.server() {
+        Some(crate::targets::Server::Qsd) if p.iothreads > 1 => {
+            format!("1 ({} queues)", p.queues)
+        }
+        _ => p.iothreads.to_string(),
+    }
+}
+
 fn render_scaling(out: &mut String, summary: &Summary, image_prefix: Option<&str>) {
     let points: Vec<&PointSummary> = summary
         .points
@@ -554,6 +565,13 @@ fn render_scaling(out: &mut String, summary: &Summary, image_prefix: Option<&str
         let _ = writeln!(out, "Not run in this mode (`bench/run.sh full` runs it).\n");
         return;
     }
+    let _ = writeln!(
+        out,
+        "uringblk gets one iothread per server CPU; qemu-storage-daemon's export runs on one \
+         iothread at every point (all QEMU 7.2 offers), with the same queues and CPUs. \
+         \"IOPS per server core\" divides by the CPUs given to the server, \"IOPS per server \
+         CPU-s\" by the CPU time it used.\n"
+    );
     if let Some(prefix) = image_prefix {
         let _ = writeln!(out, "![Scaling]({prefix}scaling.png)\n");
     }
@@ -577,7 +595,7 @@ fn render_scaling(out: &mut String, summary: &Summary, image_prefix: Option<&str
             let per_core = p.iops.map(|s| s.median / p.server_cpus.len().max(1) as f64);
             vec![
                 p.target.name().to_string(),
-                p.iothreads.to_string(),
+                scaling_threads_label(p),
                 crate::targets::cpu_list(&p.server_cpus),
                 fmt_spread(p.iops, fmt_count),
                 per_core.map_or_else(|| "n/a".into(), fmt_count),
@@ -850,6 +868,33 @@ mod tests {
         assert!(row.ends_with("| n/a | 1.50× |"), "{row}");
         // Guest points stay out of the loadgen tables.
         assert!(md.contains("No comparison: this run lacks"), "{md}");
+    }
+
+    #[test]
+    fn scaling_table_divides_by_server_cores_and_labels_qsd_threads() {
+        let mut recs = Vec::new();
+        for (target, iops) in [(Target::UringblkNull, 2000.0), (Target::QsdNull, 1000.0)] {
+            for mut r in records(target, &[iops]) {
+                r.phase = Phase::Scaling;
+                r.iothreads = 2;
+                r.queues = 2;
+                r.server_cpus = vec![1, 0];
+                recs.push(r);
+            }
+        }
+        let md = render_markdown(
+            &summary_of(recs, vec![Target::UringblkNull, Target::QsdNull]),
+            None,
+        );
+        // IOPS / 2 CPUs, and IOPS / 0.5 busy cores.
+        assert!(
+            md.contains("| uringblk-null | 2 | 1,0 | 2.0k | 1.0k | 4.0k | 0.50 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| qsd-null | 1 (2 queues) | 1,0 | 1.0k | 500 | 2.0k | 0.50 |"),
+            "{md}"
+        );
     }
 
     #[test]
