@@ -87,6 +87,9 @@ struct IoThread {
     /// to hand out): not drained again until the queue is stopped, lest the thread spin.
     broken: u64,
     malformed_logged: u64,
+    /// The current busy-poll window: doubles while polling finds work, halves while it does
+    /// not (QEMU's adaptive polling, roughly), between POLL_MIN and the configured maximum.
+    poll_window: Duration,
     /// Scratch for completions (reused, never shrinks).
     done: Vec<engine::Completion>,
 }
@@ -112,6 +115,9 @@ pub struct BlkBackend(Arc<Inner>);
 thread_local! {
     static PINNED: Cell<bool> = const { Cell::new(false) };
 }
+
+/// The smallest busy-poll window once polling is on.
+const POLL_MIN: Duration = Duration::from_micros(4);
 
 /// Epoll data of the completion eventfd: above every queue index, as the library requires.
 fn completion_event(num_queues: usize) -> u16 {
@@ -178,6 +184,7 @@ impl BlkBackend {
                 pinned: Vec::new(),
                 throttled: 0,
                 broken: 0,
+                poll_window: POLL_MIN,
                 malformed_logged: 0,
                 done: Vec::with_capacity(max_requests),
             }));
@@ -402,8 +409,10 @@ impl IoThread {
                 let _ = vring.get_mut().disable_notification();
             }
         }
+        let window = self.poll_window.clamp(POLL_MIN.min(inner.poll), inner.poll);
+        let mut found_work = false;
         let mut idle_since = Instant::now();
-        while idle_since.elapsed() < inner.poll && !inner.stopping.load(Ordering::Relaxed) {
+        while idle_since.elapsed() < window && !inner.stopping.load(Ordering::Relaxed) {
             let mut busy = false;
             for (local, vring) in vrings.iter().enumerate() {
                 let live = ready & !self.broken;
@@ -418,6 +427,7 @@ impl IoThread {
             }
             busy |= self.deliver(inner, vrings);
             if busy {
+                found_work = true;
                 idle_since = Instant::now();
             } else {
                 std::hint::spin_loop();
@@ -430,6 +440,13 @@ impl IoThread {
         }
         self.engine.submit()?;
         self.deliver(inner, vrings);
+        // Spinning pays only when work shows up while we spin (e.g. deep queues); at low
+        // depth it burns a core for nothing, so the window shrinks.
+        self.poll_window = if found_work {
+            (window * 2).min(inner.poll)
+        } else {
+            (window / 2).max(POLL_MIN)
+        };
         Ok(())
     }
 
