@@ -472,10 +472,10 @@ impl Engine {
         }
         .user_data(key as u64);
         loop {
-            // SAFETY: the SQE points at `op.iovecs`' heap buffer and at the buffers it lists
-            // (guest memory that the vhost-server keeps mapped while requests are in flight,
-            // or this op's bounce buffer). Neither is freed or moved before this op's CQE is
-            // reaped: ops leave the slab only in `finish_op`.
+            // The SQE points at `op.iovecs`' heap buffer and the buffers it lists: guest memory
+            // the vhost-server keeps mapped while requests are in flight, or this op's bounce
+            // buffer. Ops leave the slab only in `finish_op`, after their CQE.
+            // SAFETY: so neither is freed or moved before the kernel is done with them.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 return Ok(());
