@@ -15,33 +15,14 @@ use blkio_support::{
     read_at, read_vec, wait, wait_one, within, write_at, write_slice, write_zeroes, Client,
     ClientOptions, DiskModel, Rng, SharedBuf, MIB, SECTOR,
 };
-use common::ServerProcess;
-use std::path::{Path, PathBuf};
+use common::{Image, ServerProcess};
+use std::path::Path;
 use std::time::Duration;
 
 /// Upper bound for one test's client work (debug build, 2 CPUs shared with other tests).
 const TEST_DEADLINE: Duration = Duration::from_secs(300);
 const DISK: u64 = 64 * MIB;
 const EIO: i32 = -libc::EIO;
-
-/// An image file in a directory of its own: the server's directory is removed when the server
-/// handle goes away, and the file must outlive the server to be checked after SIGTERM.
-struct Image {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl Image {
-    fn new() -> Image {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("disk.img");
-        Image { _dir: dir, path }
-    }
-
-    fn arg(&self) -> &str {
-        self.path.to_str().expect("UTF-8 temp path")
-    }
-}
 
 /// SIGTERM, and the server must exit with status 0.
 fn stop(server: ServerProcess) {

@@ -19,7 +19,7 @@ mod common;
 use std::path::PathBuf;
 use std::sync::MutexGuard;
 
-use common::ServerProcess;
+use common::{Image, ServerProcess};
 use guestvm::testing::{guest_or_skip, vm_lock};
 use guestvm::{fio_io_bytes, fio_job_count, GuestRun, VmConfig};
 
@@ -60,24 +60,6 @@ fn boot(test: &str, config: &VmConfig) -> GuestRun {
             run
         }
         Err(e) => panic!("{test}: {e}"),
-    }
-}
-
-/// An image in a directory of its own, so it outlives a server process.
-struct Image {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl Image {
-    fn new() -> Image {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("disk.img");
-        Image { _dir: dir, path }
-    }
-
-    fn arg(&self) -> &str {
-        self.path.to_str().expect("utf-8 temp path")
     }
 }
 

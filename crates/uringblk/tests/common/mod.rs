@@ -108,3 +108,22 @@ impl Drop for ServerProcess {
         self.terminate();
     }
 }
+
+/// An image file in a directory of its own: the server's directory goes away with the server
+/// handle, and the image must outlive the server to be checked (or served again) afterwards.
+pub struct Image {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl Image {
+    pub fn new() -> Image {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        Image { _dir: dir, path }
+    }
+
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("UTF-8 temp path")
+    }
+}
