@@ -462,6 +462,11 @@ impl IoThread {
         for c in &self.done {
             dirty |= 1 << inner.placement[c.queue as usize].1;
         }
+        // One load of the memory table per batch, not one per completion.
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+            log::warn!("completions but no guest memory: dropped");
+            return false;
+        };
         for (local, vring) in vrings.iter().enumerate() {
             if dirty & (1 << local) == 0 {
                 continue;
@@ -472,7 +477,7 @@ impl IoThread {
                 .iter()
                 .filter(|c| inner.placement[c.queue as usize].1 == local)
             {
-                if let Err(e) = v.add_used(c.head, c.used_len) {
+                if let Err(e) = v.get_queue_mut().add_used(&*mem, c.head, c.used_len) {
                     log::warn!("queue {}: add_used failed: {e}", c.queue);
                 }
             }
