@@ -345,6 +345,13 @@ impl<'c> ParseState<'c> {
         if self.header_filled < REQUEST_HEADER_SIZE {
             let take = (REQUEST_HEADER_SIZE - self.header_filled).min(len as usize);
             match self.host(addr, take as u32) {
+                // The usual case, the whole header in one descriptor: one 16-byte read.
+                Some(src) if take == REQUEST_HEADER_SIZE => {
+                    // SAFETY: [src, src+16) lies in the mapped descriptor (see host()), and a
+                    // byte array needs no alignment.
+                    self.header =
+                        unsafe { src.cast::<[u8; REQUEST_HEADER_SIZE]>().read_volatile() };
+                }
                 Some(src) => {
                     for i in 0..take {
                         // SAFETY: [src, src+take) lies in the mapped descriptor (see host()).
