@@ -11,7 +11,7 @@ mod serve;
 
 use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,8 @@ struct Inner {
     acked_features: AtomicU64,
     stopping: AtomicBool,
     poll: Duration,
+    /// Control-path callers waiting for an iothread's lock: a polling thread yields to them.
+    control_waiting: AtomicU32,
     threads: Vec<Mutex<IoThread>>,
 }
 
@@ -202,6 +204,7 @@ impl BlkBackend {
             acked_features: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             poll: cfg.poll,
+            control_waiting: AtomicU32::new(0),
             threads,
         })))
     }
@@ -213,6 +216,15 @@ impl BlkBackend {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The lock as the control path takes it: announced first, so that a busy-polling
+    /// iothread returns to epoll (and unlocks) instead of making the control path wait.
+    fn control(&self, i: usize) -> MutexGuard<'_, IoThread> {
+        self.0.control_waiting.fetch_add(1, Ordering::SeqCst);
+        let guard = self.thread(i);
+        self.0.control_waiting.fetch_sub(1, Ordering::SeqCst);
+        guard
+    }
+
     /// Adds each iothread's completion eventfd to that thread's epoll. Call once per daemon
     /// (a new daemon serves each connection).
     pub fn register_completion_fds(
@@ -221,7 +233,7 @@ impl BlkBackend {
     ) -> io::Result<()> {
         let ev = completion_event(self.0.device.num_queues as usize);
         for (i, h) in handlers.iter().enumerate() {
-            let fd = self.thread(i).engine.eventfd();
+            let fd = self.control(i).engine.eventfd();
             h.register_listener(fd, EventSet::IN, u64::from(ev))?;
         }
         Ok(())
@@ -236,7 +248,7 @@ impl BlkBackend {
     /// Used between connections and at shutdown.
     pub fn quiesce(&self) {
         for i in 0..self.0.threads.len() {
-            let mut t = self.thread(i);
+            let mut t = self.control(i);
             if let Err(e) = t.engine.wait_idle() {
                 log::error!("iothread {i}: waiting for in-flight I/O failed: {e}");
             }
@@ -254,7 +266,7 @@ impl BlkBackend {
         let n = self.0.device.num_queues as usize;
         let mut per_queue: Vec<QueueStats> = (0..n).map(|_| QueueStats::default()).collect();
         for i in 0..self.0.threads.len() {
-            let t = self.thread(i);
+            let t = self.control(i);
             for (q, s) in per_queue.iter_mut().zip(t.engine.stats()) {
                 q.add(s);
             }
@@ -412,7 +424,10 @@ impl IoThread {
         let window = self.poll_window.clamp(POLL_MIN.min(inner.poll), inner.poll);
         let mut found_work = false;
         let mut idle_since = Instant::now();
-        while idle_since.elapsed() < window && !inner.stopping.load(Ordering::Relaxed) {
+        while idle_since.elapsed() < window
+            && !inner.stopping.load(Ordering::Relaxed)
+            && inner.control_waiting.load(Ordering::Relaxed) == 0
+        {
             let mut busy = false;
             for (local, vring) in vrings.iter().enumerate() {
                 let live = ready & !self.broken;
@@ -554,7 +569,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
         for i in 0..self.0.threads.len() {
-            self.thread(i).mem = Some(mem.clone());
+            self.control(i).mem = Some(mem.clone());
         }
         Ok(())
     }
@@ -574,10 +589,10 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         // A restarted queue starts from a fresh avail index.
-        self.thread(t).broken &= !(1 << local);
+        self.control(t).broken &= !(1 << local);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.thread(t).engine.in_flight_on(queue_index as u16) == 0 {
+            if self.control(t).engine.in_flight_on(queue_index as u16) == 0 {
                 return Ok(());
             }
             if Instant::now() > deadline {
