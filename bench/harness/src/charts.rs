@@ -318,10 +318,7 @@ fn draw_scaling(summary: &Summary, path: &Path) -> Result<(), BenchError> {
                 * 1.15;
             let caption = format!(
                 "{} backend: {}",
-                match backend {
-                    Backend::Null => "null",
-                    Backend::File => "file",
-                },
+                backend.name(),
                 if latency { "p99 latency (µs)" } else { "IOPS" }
             );
             let mut chart = ChartBuilder::on(area)

@@ -260,6 +260,25 @@ pub struct Shortfall {
     pub backend: Backend,
     pub what: &'static str,
     pub ratio: f64,
+    /// The runs' min–max ranges of the two targets overlap: the gap is within run-to-run noise.
+    pub within_spread: bool,
+}
+
+fn spread_of(
+    summary: &Summary,
+    target: Target,
+    job: &str,
+    queues: u32,
+    f: fn(&PointSummary) -> Option<Spread>,
+) -> Option<Spread> {
+    summary
+        .point(Phase::Matrix, target, job, queues)
+        .and_then(f)
+}
+
+/// Whether two points' min–max ranges overlap.
+fn overlap(a: Option<Spread>, b: Option<Spread>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if a.min <= b.max && b.min <= a.max)
 }
 
 /// Where uringblk's median is worse than qemu-storage-daemon's: fewer IOPS, or (for the QD1
@@ -287,6 +306,10 @@ fn comparisons(summary: &Summary) -> (usize, Vec<Shortfall>) {
                     backend,
                     what: "IOPS",
                     ratio: r,
+                    within_spread: overlap(
+                        spread_of(summary, ours, &job, q, |p| p.iops),
+                        spread_of(summary, peer, &job, q, |p| p.iops),
+                    ),
                 });
             }
             if job.ends_with("-qd1") {
@@ -302,6 +325,10 @@ fn comparisons(summary: &Summary) -> (usize, Vec<Shortfall>) {
                         backend,
                         what: "p99 latency",
                         ratio: r,
+                        within_spread: overlap(
+                            spread_of(summary, ours, &job, q, |p| p.lat_p99_us),
+                            spread_of(summary, peer, &job, q, |p| p.lat_p99_us),
+                        ),
                     });
                 }
             }
@@ -527,8 +554,17 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
         for l in &losses {
             let _ = writeln!(
                 out,
-                "- {} q{} ({:?}): {} ratio {:.2}",
-                l.job, l.queues, l.backend, l.what, l.ratio
+                "- {} q{} ({}): {} ratio {:.2}{}",
+                l.job,
+                l.queues,
+                l.backend.name(),
+                l.what,
+                l.ratio,
+                if l.within_spread {
+                    " (within run-to-run spread: the min–max ranges overlap)"
+                } else {
+                    ""
+                }
             );
         }
         out.push('\n');
@@ -918,9 +954,20 @@ mod tests {
         assert_eq!(found[1].what, "p99 latency");
         let md = render_markdown(&summary, None);
         assert!(
-            md.contains("- randread-4k-qd1 q1 (Null): IOPS ratio 0.90"),
+            md.contains("- randread-4k-qd1 q1 (null): IOPS ratio 0.90"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn overlapping_ranges_are_marked_as_noise() {
+        let mut recs = records(Target::UringblkFile, &[90.0, 95.0, 120.0]);
+        recs.extend(records(Target::QsdFile, &[100.0, 100.0, 110.0]));
+        let summary = summary_of(recs, vec![Target::UringblkFile, Target::QsdFile]);
+        let found = shortfalls(&summary);
+        assert_eq!(found[0].what, "IOPS");
+        assert!(found[0].within_spread);
+        assert!(render_markdown(&summary, None).contains("ratio 0.95 (within run-to-run spread"));
     }
 
     #[test]

@@ -39,6 +39,15 @@ pub enum Backend {
     Null,
 }
 
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::File => "file",
+            Backend::Null => "null",
+        }
+    }
+}
+
 impl Target {
     pub const ALL: [Target; 5] = [
         Target::UringblkFile,
