@@ -90,6 +90,8 @@ struct IoThread {
     /// The current busy-poll window: doubles while polling finds work, halves while it does
     /// not (QEMU's adaptive polling, roughly), between POLL_MIN and the configured maximum.
     poll_window: Duration,
+    /// When the thread last went back to sleep in epoll after polling.
+    slept_at: Option<Instant>,
     /// Scratch for completions (reused, never shrinks).
     done: Vec<engine::Completion>,
 }
@@ -187,6 +189,7 @@ impl BlkBackend {
                 throttled: 0,
                 broken: 0,
                 poll_window: POLL_MIN,
+                slept_at: None,
                 malformed_logged: 0,
                 done: Vec::with_capacity(max_requests),
             }));
@@ -397,6 +400,20 @@ impl IoThread {
         }
     }
 
+    /// On waking from epoll: had the thread polled a little longer, would it have caught this
+    /// event? Then grow the window; if it slept longer than the largest window, shrink it.
+    /// (QEMU's rule: judge polling by how long the thread blocked.)
+    fn adapt_poll_window(&mut self, max: Duration) {
+        if let Some(slept) = self.slept_at.take() {
+            let blocked = slept.elapsed();
+            self.poll_window = if blocked < max {
+                (self.poll_window * 2).clamp(POLL_MIN, max)
+            } else {
+                (self.poll_window / 2).max(POLL_MIN)
+            };
+        }
+    }
+
     /// True if the guest has published chains this thread has not popped yet.
     fn has_avail(&self, vring: &Vring) -> bool {
         let Some(mem) = self.pinned.last() else {
@@ -462,6 +479,7 @@ impl IoThread {
         } else {
             (window / 2).max(POLL_MIN)
         };
+        self.slept_at = Some(Instant::now());
         Ok(())
     }
 
@@ -619,6 +637,9 @@ impl VhostUserBackend for BlkBackend {
         }
         self.pin_current_thread(thread_id);
         let mut t = self.thread(thread_id);
+        if !inner.poll.is_zero() {
+            t.adapt_poll_window(inner.poll);
+        }
         let stopping = inner.stopping.load(Ordering::Relaxed);
         let local = device_event as usize;
         if local < vrings.len() && !stopping {
