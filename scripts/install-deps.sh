@@ -22,6 +22,8 @@ command -v fio >/dev/null || missing+=(fio)
 [[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
 command -v blkdiscard >/dev/null || missing+=(util-linux)
 command -v valgrind >/dev/null || missing+=(valgrind)
+# The benchmark charts need a TrueType font.
+[[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || missing+=(fonts-dejavu-core)
 
 if ((${#missing[@]})); then
     command -v apt-get >/dev/null || die "apt-get not found; install by hand: ${missing[*]}"
