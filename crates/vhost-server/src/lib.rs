@@ -11,7 +11,7 @@ mod serve;
 
 use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -104,7 +104,6 @@ struct Inner {
     placement: Vec<(usize, usize)>,
     cpus: Vec<Option<usize>>,
     writeback: Arc<AtomicBool>,
-    acked_features: AtomicU64,
     stopping: AtomicBool,
     poll: Duration,
     /// Control-path callers waiting for an iothread's lock: a polling thread yields to them.
@@ -204,7 +203,6 @@ impl BlkBackend {
             placement,
             cpus,
             writeback,
-            acked_features: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             poll: cfg.poll,
             control_waiting: AtomicU32::new(0),
@@ -550,10 +548,6 @@ impl VhostUserBackend for BlkBackend {
         self.0.device.virtio_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
-    fn acked_features(&self, features: u64) {
-        self.0.acked_features.store(features, Ordering::Relaxed);
-    }
-
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
@@ -641,11 +635,11 @@ impl VhostUserBackend for BlkBackend {
             t.adapt_poll_window(inner.poll);
         }
         let stopping = inner.stopping.load(Ordering::Relaxed);
+        // Queues of a thread are contiguous (see queue_masks): local i is first_queue + i.
+        let first_queue = inner.masks[thread_id].trailing_zeros() as usize;
         let local = device_event as usize;
         if local < vrings.len() && !stopping {
-            let queue = inner.masks[thread_id].trailing_zeros() as usize + local;
-            // Queues of a thread are contiguous (see queue_masks).
-            t.drain_queue(inner, &vrings[local], local, queue as u16);
+            t.drain_queue(inner, &vrings[local], local, (first_queue + local) as u16);
         } else if device_event == completion_event(inner.device.num_queues as usize) {
             t.engine.clear_eventfd();
         } else if local >= vrings.len() {
@@ -662,13 +656,11 @@ impl VhostUserBackend for BlkBackend {
             let throttled = t.throttled;
             for (local, vring) in vrings.iter().enumerate() {
                 if throttled & (1 << local) != 0 {
-                    let queue = inner.masks[thread_id].trailing_zeros() as usize + local;
-                    t.drain_queue(inner, vring, local, queue as u16);
+                    t.drain_queue(inner, vring, local, (first_queue + local) as u16);
                 }
             }
         }
         if !inner.poll.is_zero() && !stopping {
-            let first_queue = inner.masks[thread_id].trailing_zeros() as usize;
             t.poll(inner, vrings, first_queue)?;
         }
         Ok(())
