@@ -355,11 +355,17 @@ impl Engine {
         Ok(())
     }
 
-    fn new_op(&mut self, kind: OpKind, offset: u64, key: usize) -> usize {
+    /// A pooled op, reset for `kind` at `offset`, carrying no request yet.
+    fn take_op(&mut self, kind: OpKind, offset: u64) -> Op {
         let mut op = self.op_pool.pop().unwrap_or_else(Op::new);
         op.kind = kind;
         op.offset = offset;
         op.remaining = 0;
+        op
+    }
+
+    fn new_op(&mut self, kind: OpKind, offset: u64, key: usize) -> usize {
+        let mut op = self.take_op(kind, offset);
         op.requests.push(key);
         self.inflight[key].pending_ops += 1;
         self.ops.insert(op)
@@ -405,10 +411,7 @@ impl Engine {
             } else {
                 OpKind::Read
             };
-            let mut op = self.op_pool.pop().unwrap_or_else(Op::new);
-            op.kind = kind;
-            op.offset = first.sector << 9;
-            op.remaining = 0;
+            let mut op = self.take_op(kind, first.sector << 9);
             for it in &self.rw_items[start..end] {
                 let f = &mut self.inflight[it.key];
                 f.pending_ops += 1;
