@@ -65,6 +65,8 @@ pub struct EngineConfig {
     /// Write cache on (writeback) or off (writethrough: every write is O_DSYNC). The guest
     /// switches it through the config space, so it is shared with the control path.
     pub writeback: Arc<AtomicBool>,
+    /// At most this many SQEs per io_uring_enter (0: the whole batch at once).
+    pub submit_batch: usize,
 }
 
 /// What to do when fallocate says EOPNOTSUPP.
@@ -489,6 +491,9 @@ impl Engine {
             // SAFETY: so neither is freed or moved before the kernel is done with them.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
+                if self.cfg.submit_batch > 0 && self.ring.submission().len() >= self.cfg.submit_batch {
+                    self.ring.submit()?;
+                }
                 return Ok(());
             }
             // The SQ is full: hand what is there to the kernel and retry.

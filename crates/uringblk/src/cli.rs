@@ -85,6 +85,10 @@ pub struct Cli {
     #[arg(long, value_name = "US", default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub poll_us: u64,
 
+    /// At most this many SQEs per io_uring_enter; 0 submits a drained batch at once.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub submit_batch: usize,
+
     /// Start with the write cache off: every write is durable (O_DSYNC) before it completes.
     #[arg(long)]
     pub writethrough: bool,

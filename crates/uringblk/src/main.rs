@@ -146,6 +146,7 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
             writeback: !cli.writethrough,
             merge: MergeLimits::default(),
             poll: std::time::Duration::from_micros(cli.poll_us),
+            submit_batch: cli.submit_batch,
         },
         storage.clone(),
     )

@@ -62,6 +62,7 @@ pub struct ServerConfig {
     /// After a batch, keep polling the thread's avail rings and completion queue this long
     /// (with guest notifications off) before sleeping in epoll; 0 disables polling.
     pub poll: Duration,
+    pub submit_batch: usize,
 }
 
 /// Spreads `queues` over `threads` as evenly as possible, contiguous runs per thread.
@@ -179,6 +180,7 @@ impl BlkBackend {
                     serial,
                     num_queues: queues,
                     writeback: writeback.clone(),
+                    submit_batch: cfg.submit_batch,
                 },
             )?;
             threads.push(Mutex::new(IoThread {
