@@ -133,6 +133,20 @@ impl Backend {
         })
     }
 
+    /// A backend on any open file (a FIFO, say, whose writes stay in flight until the test
+    /// reads them), for the engine's own tests.
+    #[cfg(test)]
+    pub(crate) fn from_file_for_tests(file: File, capacity: u64) -> Backend {
+        Backend {
+            file: Some(file),
+            kind: BackendKind::File,
+            capacity,
+            direct: false,
+            dio_mem_align: 1,
+            dio_offset_align: 1,
+        }
+    }
+
     /// Fails when O_DIRECT needs a larger offset alignment than the guest's block size gives.
     pub fn check_block_size(
         &self,

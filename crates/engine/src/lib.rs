@@ -6,32 +6,42 @@
 //!    [`blk_proto::Request`] taken with [`Engine::take_request`], and hands it over with
 //!    [`Engine::enqueue`] (or [`Engine::reject`] for a request that failed validation);
 //! 2. [`Engine::submit`] plans the batch: reads and writes sorted and merged by [`merge`], a
-//!    flush issued after the writes before it (IOSQE_IO_DRAIN), discards and write-zeroes as
-//!    fallocate; then one `io_uring_enter` submits the whole batch;
+//!    flush held until the earlier writes of its queue have completed ([`order`]), discards
+//!    and write-zeroes as fallocate; SQEs go to the kernel `submit_batch` at a time
+//!    ([`ring`]: the ring is the iothread's own, SINGLE_ISSUER + DEFER_TASKRUN where possible);
 //! 3. [`Engine::reap`] collects CQEs (short transfers are resubmitted for the rest, host errors
 //!    become VIRTIO_BLK_S_IOERR), writes each status byte and queues a [`Completion`] for the
 //!    vhost-server to put on the used ring.
+//!
+//! No more ops are in the ring than its CQ holds, so the CQ never overflows: the rest wait in
+//! a backlog and follow as completions free room.
 
 pub mod backend;
 pub mod merge;
+mod order;
+pub mod ring;
 pub mod stats;
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blk_proto::{Request, RequestKind, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, squeue, types};
 use slab::Slab;
 
 pub use backend::{Backend, BackendError, BackendKind, ImageOptions};
 pub use merge::MergeLimits;
+pub use ring::{RingCounters, RingMode, RingSetup};
 pub use stats::{QueueStats, StatKind};
 
 use merge::RwItem;
+use order::FlushOrder;
+use ring::{Ring, RingParams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -39,6 +49,12 @@ pub enum EngineError {
     Ring(io::Error),
     #[error("cannot create the completion eventfd: {0}")]
     EventFd(io::Error),
+    #[error("io_uring_enter failed: {0}")]
+    Enter(io::Error),
+    #[error("the ring cannot move to another thread with {0} ops in flight")]
+    RingBusy(usize),
+    #[error("{ops} ops still in flight after {waited:?}")]
+    Timeout { ops: usize, waited: Duration },
 }
 
 /// A request whose status byte is written: the vhost-server puts it on the used ring.
@@ -65,8 +81,34 @@ pub struct EngineConfig {
     /// Write cache on (writeback) or off (writethrough: every write is O_DSYNC). The guest
     /// switches it through the config space, so it is shared with the control path.
     pub writeback: Arc<AtomicBool>,
-    /// At most this many SQEs per io_uring_enter (0: the whole batch at once).
+    /// At most this many SQEs per io_uring_enter (0: the whole batch at once). Two or fewer
+    /// also keep io_uring from plugging the block layer (it plugs batches of three or more).
     pub submit_batch: usize,
+    /// The ring setup to ask for (the best available by default).
+    pub ring_setup: RingSetup,
+    /// SQ entries; 0 sizes the ring from `max_requests`.
+    pub ring_entries: u32,
+    /// The iothread's CPU, where its io-wq workers run too.
+    pub cpu: Option<usize>,
+    /// Upper bound on io-wq workers per ring (0: the kernel's default).
+    pub iowq_max_workers: u32,
+}
+
+impl EngineConfig {
+    /// SQ and CQ sizes: the CQ holds an op of every request in flight, so that with the
+    /// backlog's bound it never overflows.
+    fn ring_sizes(&self) -> (u32, u32) {
+        let sq = if self.ring_entries > 0 {
+            self.ring_entries.next_power_of_two()
+        } else {
+            (self.max_requests.clamp(8, 4096) as u32).next_power_of_two()
+        };
+        let cq = (self.max_requests as u32)
+            .next_power_of_two()
+            .max(2 * sq)
+            .min(65536);
+        (sq, cq)
+    }
 }
 
 /// What to do when fallocate says EOPNOTSUPP.
@@ -124,6 +166,8 @@ struct InFlight {
     status: u8,
     started: Instant,
     needs_bounce: bool,
+    /// Write-type requests: their place in the queue's order, which flushes wait on.
+    write_seq: Option<u64>,
 }
 
 /// An aligned buffer for O_DIRECT requests whose guest buffers miss the DIO alignment.
@@ -161,7 +205,10 @@ unsafe impl Send for BounceBuffer {}
 const BOUNCE_POOL: usize = 8;
 
 pub struct Engine {
-    ring: IoUring,
+    ring: Ring,
+    ring_params: RingParams,
+    /// Counters of rings this engine had before the current one.
+    counters_before: RingCounters,
     eventfd: OwnedFd,
     backend: Arc<Backend>,
     cfg: EngineConfig,
@@ -179,6 +226,16 @@ pub struct Engine {
     completions: Vec<Completion>,
     stats: Vec<QueueStats>,
     errors_logged: u64,
+    /// Ops pushed to the ring and not reaped yet; at most `ring_capacity`.
+    in_ring: usize,
+    ring_capacity: usize,
+    /// Ops ready to go while the ring is at capacity, oldest first.
+    backlog: VecDeque<usize>,
+    order: FlushOrder,
+    /// Scratch: flushes whose earlier writes just completed.
+    ready_flushes: Vec<usize>,
+    /// Read once per drain ([`Engine::tick`]) and once per reap, not per request.
+    clock: Instant,
 }
 
 // SAFETY: the raw pointers an Engine holds (in Requests and ops) point into guest memory or its
@@ -188,8 +245,6 @@ unsafe impl Send for Engine {}
 
 impl Engine {
     pub fn new(backend: Arc<Backend>, cfg: EngineConfig) -> Result<Engine, EngineError> {
-        let entries = (cfg.max_requests.clamp(8, 4096) as u32).next_power_of_two();
-        let ring = IoUring::new(entries).map_err(EngineError::Ring)?;
         // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -197,21 +252,34 @@ impl Engine {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        ring.submitter()
-            .register_eventfd(eventfd.as_raw_fd())
-            .map_err(EngineError::Ring)?;
-        // A registered file spares the kernel a file-table lookup and refcount per op.
-        if let Some(fd) = backend.raw_fd() {
-            ring.submitter()
-                .register_files(&[fd])
-                .map_err(EngineError::Ring)?;
-        }
+        let (sq_entries, cq_entries) = cfg.ring_sizes();
+        let ring_params = RingParams {
+            sq_entries,
+            cq_entries,
+            setup: cfg.ring_setup,
+            eventfd: eventfd.as_raw_fd(),
+            file: backend.raw_fd(),
+            cpu: cfg.cpu,
+            iowq_max_workers: cfg.iowq_max_workers,
+        };
+        // Built here, on the creating thread, so that a ring that cannot be set up is an error
+        // at start-up; an iothread builds its own with `adopt_current_thread`.
+        let ring = Ring::new(&ring_params).map_err(EngineError::Ring)?;
+        let ring_capacity = ring.cq_entries();
         let request_pool = (0..cfg.max_requests)
             .map(|_| Request::with_capacity(cfg.max_iovecs_per_request, cfg.max_ranges_per_request))
             .collect();
         let op_pool = (0..cfg.max_requests).map(|_| Op::new()).collect();
         Ok(Engine {
             ring,
+            ring_params,
+            counters_before: RingCounters::default(),
+            in_ring: 0,
+            ring_capacity,
+            backlog: VecDeque::new(),
+            order: FlushOrder::new(cfg.num_queues),
+            ready_flushes: Vec::new(),
+            clock: Instant::now(),
             eventfd,
             backend,
             inflight: Slab::with_capacity(cfg.max_requests),
@@ -222,7 +290,7 @@ impl Engine {
             batch: Vec::with_capacity(cfg.max_requests),
             rw_items: Vec::with_capacity(cfg.max_requests),
             groups: Vec::with_capacity(cfg.max_requests),
-            cqes: Vec::with_capacity(entries as usize * 2),
+            cqes: Vec::with_capacity(cq_entries as usize),
             completions: Vec::with_capacity(cfg.max_requests),
             stats: (0..cfg.num_queues).map(|_| QueueStats::default()).collect(),
             request_pool,
@@ -234,6 +302,49 @@ impl Engine {
     /// Readable when CQEs are waiting; add it to the iothread's epoll.
     pub fn eventfd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
+    }
+
+    /// Makes the calling thread the ring's owner: the only thread that submits to it and reaps
+    /// it. A ring set up by another thread (at start-up, or by the iothread of an earlier
+    /// connection) is replaced by a new one set up here, which needs it idle. Returns true
+    /// when a new ring was set up.
+    pub fn adopt_current_thread(&mut self) -> Result<bool, EngineError> {
+        if self.ring.owned_by_current_thread() {
+            return Ok(false);
+        }
+        if self.in_ring > 0 {
+            return Err(EngineError::RingBusy(self.in_ring));
+        }
+        let ring = Ring::new(&self.ring_params).map_err(EngineError::Ring)?;
+        let old = std::mem::replace(&mut self.ring, ring);
+        self.counters_before.enters += old.counters.enters;
+        self.counters_before.sqes += old.counters.sqes;
+        self.ring_capacity = self.ring.cq_entries();
+        Ok(true)
+    }
+
+    /// What the kernel accepted for the current ring.
+    pub fn ring_mode(&self) -> RingMode {
+        self.ring.mode()
+    }
+
+    /// io_uring_enter calls and SQEs over the engine's life.
+    pub fn ring_counters(&self) -> RingCounters {
+        RingCounters {
+            enters: self.counters_before.enters + self.ring.counters.enters,
+            sqes: self.counters_before.sqes + self.ring.counters.sqes,
+        }
+    }
+
+    /// Reads the clock that stamps the requests enqueued next (once per drain).
+    pub fn tick(&mut self) {
+        self.clock = Instant::now();
+    }
+
+    /// While the iothread busy-polls the CQ, the completion eventfd stays quiet, so that it
+    /// does not wake the thread for completions it already reaped.
+    pub fn set_eventfd_enabled(&mut self, enabled: bool) {
+        self.ring.set_eventfd_enabled(enabled);
     }
 
     /// True while a request can be taken: the caller stops draining its queue otherwise.
@@ -280,8 +391,9 @@ impl Engine {
             head,
             pending_ops: 0,
             status: VIRTIO_BLK_S_OK,
-            started: Instant::now(),
+            started: self.clock,
             needs_bounce,
+            write_seq: None,
         });
         if let Some(n) = self.inflight_per_queue.get_mut(queue as usize) {
             *n += 1;
@@ -304,9 +416,16 @@ impl Engine {
         };
         if inline {
             self.complete_request(key);
-        } else {
-            self.batch.push(key);
+            return;
         }
+        match f.req.kind {
+            RequestKind::Write | RequestKind::Discard | RequestKind::WriteZeroes => {
+                f.write_seq = Some(self.order.write_enqueued(queue));
+            }
+            RequestKind::Flush => self.order.flush_enqueued(key, queue),
+            RequestKind::Read | RequestKind::GetId => {}
+        }
+        self.batch.push(key);
     }
 
     fn needs_bounce(&self, req: &Request) -> bool {
@@ -322,8 +441,9 @@ impl Engine {
             .any(|v| (v.iov_base as usize) & mem_mask != 0 || v.iov_len & 511 != 0)
     }
 
-    /// Issues everything enqueued since the last call with one `io_uring_enter`.
-    pub fn submit(&mut self) -> io::Result<()> {
+    /// Issues everything enqueued since the last call (`submit_batch` SQEs per
+    /// `io_uring_enter`, the whole batch in one by default).
+    pub fn submit(&mut self) -> Result<(), EngineError> {
         if self.batch.is_empty() {
             return Ok(());
         }
@@ -340,21 +460,26 @@ impl Engine {
                     mergeable: !f.needs_bounce,
                 }),
                 RequestKind::Flush => {
-                    // The writes drained before the flush go first; IO_DRAIN makes the
-                    // flush start only after every earlier SQE has completed.
-                    self.emit_reads_writes()?;
-                    let op = self.new_op(OpKind::Flush, 0, key);
-                    self.push_op(op)?;
+                    // The writes drained before the flush go to the ring first; the flush
+                    // itself follows once they (and every earlier write of its queue) are done.
+                    self.emit_reads_writes();
+                    if self.order.release(key) {
+                        self.issue_flush(key);
+                    }
                 }
-                RequestKind::Discard | RequestKind::WriteZeroes => self.emit_fallocates(key)?,
+                RequestKind::Discard | RequestKind::WriteZeroes => self.emit_fallocates(key),
                 RequestKind::GetId => unreachable!("GET_ID completes in enqueue"),
             }
         }
-        self.emit_reads_writes()?;
+        self.emit_reads_writes();
         self.batch = batch;
         self.batch.clear();
-        self.ring.submit()?;
-        Ok(())
+        self.ring.enter(false, 0).map_err(EngineError::Enter)
+    }
+
+    fn issue_flush(&mut self, key: usize) {
+        let op = self.new_op(OpKind::Flush, 0, key);
+        self.push_op(op);
     }
 
     /// A pooled op, reset for `kind` at `offset`, carrying no request yet.
@@ -373,7 +498,7 @@ impl Engine {
         self.ops.insert(op)
     }
 
-    fn emit_fallocates(&mut self, key: usize) -> io::Result<()> {
+    fn emit_fallocates(&mut self, key: usize) {
         let f = &self.inflight[key];
         let discard = f.req.kind == RequestKind::Discard;
         let nranges = f.req.ranges.len();
@@ -395,14 +520,13 @@ impl Engine {
                 unsupported,
             };
             let op = self.new_op(kind, r.sector << 9, key);
-            self.push_op(op)?;
+            self.push_op(op);
         }
-        Ok(())
     }
 
-    fn emit_reads_writes(&mut self) -> io::Result<()> {
+    fn emit_reads_writes(&mut self) {
         if self.rw_items.is_empty() {
-            return Ok(());
+            return;
         }
         merge::plan(&mut self.rw_items, &self.cfg.merge, &mut self.groups);
         for g in 0..self.groups.len() {
@@ -445,21 +569,63 @@ impl Engine {
                 op.bounce = Some(bounce);
             }
             let key = self.ops.insert(op);
-            self.push_op(key)?;
+            self.push_op(key);
         }
         self.rw_items.clear();
-        Ok(())
     }
 
-    fn push_op(&mut self, key: usize) -> io::Result<()> {
+    /// Puts an op on the ring, or in the backlog while the ring holds as many ops as its CQ
+    /// has room for. Never fails: what cannot go now goes later.
+    fn push_op(&mut self, key: usize) {
+        if self.in_ring >= self.ring_capacity {
+            self.backlog.push_back(key);
+            return;
+        }
+        let entry = self.sqe(key);
+        // The SQE points at `op.iovecs`' heap buffer and the buffers it lists: guest memory
+        // the vhost-server keeps mapped while requests are in flight, or this op's bounce
+        // buffer. Ops leave the slab only in `finish_op`, after their CQE.
+        // SAFETY: so neither is freed or moved before the kernel is done with them.
+        let mut pushed = unsafe { self.ring.push(&entry) };
+        if !pushed {
+            // The SQ is full: hand what is there to the kernel and retry.
+            if let Err(e) = self.ring.enter(false, 0) {
+                log::error!("io_uring_enter failed: {e}");
+            }
+            // SAFETY: as above.
+            pushed = unsafe { self.ring.push(&entry) };
+        }
+        if !pushed {
+            self.backlog.push_back(key);
+            return;
+        }
+        self.in_ring += 1;
+        if self.cfg.submit_batch > 0 && self.ring.pending() >= self.cfg.submit_batch {
+            if let Err(e) = self.ring.enter(false, 0) {
+                log::error!("io_uring_enter failed: {e}");
+            }
+        }
+    }
+
+    /// Moves backlogged ops to the ring while it has room.
+    fn refill_from_backlog(&mut self) {
+        while self.in_ring < self.ring_capacity {
+            let Some(key) = self.backlog.pop_front() else {
+                break;
+            };
+            self.push_op(key);
+        }
+    }
+
+    fn sqe(&self, key: usize) -> squeue::Entry {
         let op = &self.ops[key];
         debug_assert!(
             self.backend.raw_fd().is_some(),
             "the null backend completes requests inline"
         );
-        // Index 0 of the files registered in `new`: the backend's fd.
+        // Index 0 of the files registered with the ring: the backend's fd.
         let fd = types::Fixed(0);
-        let entry = match op.kind {
+        match op.kind {
             OpKind::Read => opcode::Readv::new(fd, op.iovecs.as_ptr(), op.iovecs.len() as u32)
                 .offset(op.offset)
                 .build(),
@@ -476,29 +642,13 @@ impl Engine {
             }
             OpKind::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
-                .build()
-                .flags(squeue::Flags::IO_DRAIN),
+                .build(),
             OpKind::Fallocate { mode, len, .. } => opcode::Fallocate::new(fd, len)
                 .offset(op.offset)
                 .mode(mode)
                 .build(),
         }
-        .user_data(key as u64);
-        loop {
-            // The SQE points at `op.iovecs`' heap buffer and the buffers it lists: guest memory
-            // the vhost-server keeps mapped while requests are in flight, or this op's bounce
-            // buffer. Ops leave the slab only in `finish_op`, after their CQE.
-            // SAFETY: so neither is freed or moved before the kernel is done with them.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
-            if pushed.is_ok() {
-                if self.cfg.submit_batch > 0 && self.ring.submission().len() >= self.cfg.submit_batch {
-                    self.ring.submit()?;
-                }
-                return Ok(());
-            }
-            // The SQ is full: hand what is there to the kernel and retry.
-            self.ring.submit()?;
-        }
+        .user_data(key as u64)
     }
 
     /// Resets the completion eventfd after it woke the thread. Separate from [`Engine::reap`]
@@ -517,35 +667,41 @@ impl Engine {
 
     /// Collects every available CQE, finishing ops and requests. Completions accumulate until
     /// taken with [`Engine::take_completions`].
-    pub fn reap(&mut self) -> io::Result<()> {
+    pub fn reap(&mut self) -> Result<(), EngineError> {
+        self.refill_from_backlog();
+        if self.in_ring == 0 {
+            return Ok(());
+        }
+        // Submits what is queued and, under DEFER/COOP_TASKRUN, has the kernel post the
+        // completions it holds: one syscall, and none when there is nothing to do.
+        self.ring.enter(true, 0).map_err(EngineError::Enter)?;
         loop {
             self.cqes.clear();
-            self.cqes
-                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            self.ring.take_cqes(&mut self.cqes);
             if self.cqes.is_empty() {
                 break;
             }
-            let mut resubmitted = false;
+            self.clock = Instant::now();
+            self.in_ring -= self.cqes.len().min(self.in_ring);
             for i in 0..self.cqes.len() {
                 let (key, res) = self.cqes[i];
-                resubmitted |= self.on_cqe(key as usize, res)?;
+                self.on_cqe(key as usize, res);
             }
-            if resubmitted {
-                self.ring.submit()?;
-            }
+            self.refill_from_backlog();
+            self.ring.enter(true, 0).map_err(EngineError::Enter)?;
         }
         Ok(())
     }
 
-    /// Handles one CQE; true if the op went back on the ring.
-    fn on_cqe(&mut self, key: usize, res: i32) -> io::Result<bool> {
+    /// Handles one CQE.
+    fn on_cqe(&mut self, key: usize, res: i32) {
         let Some(op) = self.ops.get_mut(key) else {
             log::error!("completion for unknown op {key}");
-            return Ok(false);
+            return;
         };
         if res == -libc::EAGAIN || res == -libc::EINTR {
-            self.push_op(key)?;
-            return Ok(true);
+            self.push_op(key);
+            return;
         }
         let mut error = None;
         match op.kind {
@@ -559,8 +715,8 @@ impl Engine {
                         advance_iovecs(&mut op.iovecs, n as usize);
                         op.offset += n;
                         op.remaining -= n;
-                        self.push_op(key)?;
-                        return Ok(true);
+                        self.push_op(key);
+                        return;
                     }
                 }
             }
@@ -576,8 +732,8 @@ impl Engine {
                         unsupported: Unsupported::Fail,
                     };
                     log::debug!("fallocate mode {mode:#x} unsupported, trying {other:#x}");
-                    self.push_op(key)?;
-                    return Ok(true);
+                    self.push_op(key);
+                    return;
                 }
                 Unsupported::Succeed => {}
                 Unsupported::Fail => error = Some(libc::EOPNOTSUPP),
@@ -586,7 +742,6 @@ impl Engine {
             _ => {}
         }
         self.finish_op(key, error);
-        Ok(false)
     }
 
     fn finish_op(&mut self, key: usize, error: Option<i32>) {
@@ -634,6 +789,13 @@ impl Engine {
     fn complete_request(&mut self, key: usize) {
         let f = self.inflight.remove(key);
         write_status(&f.req, f.status);
+        if let Some(seq) = f.write_seq {
+            self.order
+                .write_completed(f.queue, seq, &mut self.ready_flushes);
+            while let Some(flush) = self.ready_flushes.pop() {
+                self.issue_flush(flush);
+            }
+        }
         let q = f.queue as usize;
         if let Some(n) = self.inflight_per_queue.get_mut(q) {
             *n = n.saturating_sub(1);
@@ -647,7 +809,7 @@ impl Engine {
                 RequestKind::Discard => (StatKind::Discard, ranges_bytes(&f.req)),
                 RequestKind::WriteZeroes => (StatKind::WriteZeroes, ranges_bytes(&f.req)),
             };
-            let us = f.started.elapsed().as_micros() as u64;
+            let us = self.clock.saturating_duration_since(f.started).as_micros() as u64;
             s.record(kind, bytes, f.status == VIRTIO_BLK_S_OK, us);
         }
         self.completions.push(Completion {
@@ -674,11 +836,38 @@ impl Engine {
             .unwrap_or(0)
     }
 
-    /// Blocks until every request in flight has completed (stop, disconnect, shutdown).
-    pub fn wait_idle(&mut self) -> io::Result<()> {
+    /// CQEs the kernel had to drop or hold back for a full CQ (never more than 0 here: the
+    /// ring holds at most as many ops as its CQ).
+    pub fn cq_overflows(&mut self) -> u32 {
+        self.ring.cq_overflowed()
+    }
+
+    /// Ops the ring could not take yet (at capacity), waiting to be pushed.
+    pub fn backlogged(&self) -> usize {
+        self.backlog.len()
+    }
+
+    /// Flushes held back until earlier writes of their queue complete.
+    pub fn flushes_waiting(&self) -> usize {
+        self.order.waiting()
+    }
+
+    /// Blocks until every request in flight has completed (stop, disconnect, shutdown), or
+    /// `timeout` has passed. Call it on the ring's owner thread.
+    pub fn wait_idle(&mut self, timeout: Duration) -> Result<(), EngineError> {
+        let start = Instant::now();
         self.submit()?;
-        while !self.ops.is_empty() {
-            self.ring.submit_and_wait(1)?;
+        while !self.ops.is_empty() || !self.inflight.is_empty() {
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(EngineError::Timeout {
+                    ops: self.ops.len(),
+                    waited,
+                });
+            }
+            self.refill_from_backlog();
+            let slice = (timeout - waited).min(Duration::from_millis(100));
+            self.ring.wait_one(slice).map_err(EngineError::Enter)?;
             self.reap()?;
         }
         Ok(())

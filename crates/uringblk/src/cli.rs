@@ -89,6 +89,15 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub submit_batch: usize,
 
+    /// io_uring setup: auto (SINGLE_ISSUER + DEFER_TASKRUN where the kernel has them, else
+    /// COOP_TASKRUN, else plain), coop, or plain.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub ring_setup: engine::RingSetup,
+
+    /// Upper bound on each ring's io-wq worker threads (0: the kernel's default).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub iowq_max_workers: u32,
+
     /// Start with the write cache off: every write is durable (O_DSYNC) before it completes.
     #[arg(long)]
     pub writethrough: bool,

@@ -147,6 +147,8 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
             merge: MergeLimits::default(),
             poll: std::time::Duration::from_micros(cli.poll_us),
             submit_batch: cli.submit_batch,
+            ring_setup: cli.ring_setup,
+            iowq_max_workers: cli.iowq_max_workers,
         },
         storage.clone(),
     )

@@ -7,6 +7,7 @@
 //! -> one submit for the batch -> completions (the engine's eventfd wakes the same thread)
 //! -> `add_used` -> signal the guest once per batch, only if EVENT_IDX says it must.
 
+mod control;
 mod serve;
 
 use std::cell::Cell;
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use blk_proto::{parse_config_write, DeviceConfig, VIRTIO_BLK_ID_BYTES};
-use engine::{Backend, Engine, EngineConfig, MergeLimits, QueueStats};
+use engine::{Backend, Engine, EngineConfig, MergeLimits, QueueStats, RingSetup};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex, VringT};
 use virtio_queue::QueueT;
@@ -26,6 +27,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use control::{ControlMsg, ControlPort};
 pub use serve::{serve, ServeError};
 
 type Mem = GuestMemoryMmap<()>;
@@ -46,6 +48,8 @@ pub enum ServerError {
     TooManyQueues(usize),
     #[error("cannot start the I/O engine: {0}")]
     Engine(#[from] engine::EngineError),
+    #[error("cannot create an iothread's control channel: {0}")]
+    Control(io::Error),
 }
 
 /// Everything the backend needs to serve one export.
@@ -62,7 +66,11 @@ pub struct ServerConfig {
     /// After a batch, keep polling the thread's avail rings and completion queue this long
     /// (with guest notifications off) before sleeping in epoll; 0 disables polling.
     pub poll: Duration,
+    /// At most this many SQEs per io_uring_enter (0: a whole drained batch at once).
     pub submit_batch: usize,
+    pub ring_setup: RingSetup,
+    /// Upper bound on each ring's io-wq workers (0: the kernel's default).
+    pub iowq_max_workers: u32,
 }
 
 /// Spreads `queues` over `threads` as evenly as possible, contiguous runs per thread.
@@ -95,6 +103,8 @@ struct IoThread {
     slept_at: Option<Instant>,
     /// Scratch for completions (reused, never shrinks).
     done: Vec<engine::Completion>,
+    /// Times the thread was woken (events handled).
+    wakeups: u64,
 }
 
 struct Inner {
@@ -110,6 +120,10 @@ struct Inner {
     /// Control-path callers waiting for an iothread's lock: a polling thread yields to them.
     control_waiting: AtomicU32,
     threads: Vec<Mutex<IoThread>>,
+    /// Per iothread: its control channel, served while a connection's event loops run.
+    ports: Vec<ControlPort>,
+    /// Set while a connection's event loops (our iothreads) are running.
+    live: AtomicBool,
 }
 
 /// The `VhostUserBackend` of uringblk: cheap to clone, shared by the daemon's threads.
@@ -127,6 +141,16 @@ const POLL_MIN: Duration = Duration::from_micros(4);
 fn completion_event(num_queues: usize) -> u16 {
     num_queues as u16 + 1
 }
+
+/// Epoll data of an iothread's control eventfd.
+fn control_event(num_queues: usize) -> u16 {
+    num_queues as u16 + 2
+}
+
+/// How long the control path waits for an iothread to finish its in-flight I/O.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long it waits for an iothread to take a new memory table.
+const MEMORY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl BlkBackend {
     pub fn new(cfg: ServerConfig, storage: Arc<Backend>) -> Result<BlkBackend, ServerError> {
@@ -163,7 +187,8 @@ impl BlkBackend {
         let n = cfg.device.serial.len().min(VIRTIO_BLK_ID_BYTES);
         serial[..n].copy_from_slice(&cfg.device.serial[..n]);
         let mut threads = Vec::new();
-        for m in &masks {
+        let mut ports = Vec::new();
+        for (t, m) in masks.iter().enumerate() {
             let max_requests = cfg.queue_size as usize * m.count_ones() as usize;
             let engine = Engine::new(
                 storage.clone(),
@@ -181,8 +206,13 @@ impl BlkBackend {
                     num_queues: queues,
                     writeback: writeback.clone(),
                     submit_batch: cfg.submit_batch,
+                    ring_setup: cfg.ring_setup,
+                    ring_entries: 0,
+                    cpu: cfg.cpus.get(t).copied(),
+                    iowq_max_workers: cfg.iowq_max_workers,
                 },
             )?;
+            ports.push(ControlPort::new(t).map_err(ServerError::Control)?);
             threads.push(Mutex::new(IoThread {
                 engine,
                 mem: None,
@@ -193,6 +223,7 @@ impl BlkBackend {
                 slept_at: None,
                 malformed_logged: 0,
                 done: Vec::with_capacity(max_requests),
+                wakeups: 0,
             }));
         }
         let cpus = (0..cfg.iothreads)
@@ -209,6 +240,8 @@ impl BlkBackend {
             poll: cfg.poll,
             control_waiting: AtomicU32::new(0),
             threads,
+            ports,
+            live: AtomicBool::new(false),
         })))
     }
 
@@ -228,18 +261,32 @@ impl BlkBackend {
         guard
     }
 
-    /// Adds each iothread's completion eventfd to that thread's epoll. Call once per daemon
-    /// (a new daemon serves each connection).
+    /// Adds each iothread's completion and control eventfds to that thread's epoll, and
+    /// from then on sends control work to the iothreads. Call once per daemon (a new daemon
+    /// serves each connection), before it starts; [`BlkBackend::connection_closed`] after.
     pub fn register_completion_fds(
         &self,
         handlers: &[Arc<VringEpollHandler<Self>>],
     ) -> io::Result<()> {
-        let ev = completion_event(self.0.device.num_queues as usize);
+        let n = self.0.device.num_queues as usize;
         for (i, h) in handlers.iter().enumerate() {
+            // A message whose caller gave up on the last connection's thread means nothing now.
+            self.0.ports[i].discard_stale();
             let fd = self.control(i).engine.eventfd();
-            h.register_listener(fd, EventSet::IN, u64::from(ev))?;
+            h.register_listener(fd, EventSet::IN, u64::from(completion_event(n)))?;
+            h.register_listener(
+                self.0.ports[i].eventfd(),
+                EventSet::IN,
+                u64::from(control_event(n)),
+            )?;
         }
+        self.0.live.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The connection's event loops have ended: control work is done in place again.
+    pub fn connection_closed(&self) {
+        self.0.live.store(false, Ordering::SeqCst);
     }
 
     /// Stops taking new requests (shutdown). In-flight ones still complete.
@@ -251,16 +298,16 @@ impl BlkBackend {
     /// Used between connections and at shutdown.
     pub fn quiesce(&self) {
         for i in 0..self.0.threads.len() {
-            let mut t = self.control(i);
-            if let Err(e) = t.engine.wait_idle() {
-                log::error!("iothread {i}: waiting for in-flight I/O failed: {e}");
+            if self.0.live.load(Ordering::SeqCst) {
+                // The iothread owns its ring: it waits for its own I/O.
+                match self.0.ports[i].call(ControlMsg::Quiesce, QUIESCE_TIMEOUT + MEMORY_TIMEOUT) {
+                    Ok(()) => continue,
+                    Err(e) => log::error!("quiesce: {e}"),
+                }
             }
-            // The frontend is gone: nobody reads these used-ring entries any more.
-            t.engine.take_completions().for_each(drop);
-            t.mem = None;
-            t.pinned.clear();
-            t.throttled = 0;
-            t.broken = 0;
+            // No event loop runs (between connections), or it did not answer; a failure is
+            // logged where it happens.
+            let _ = self.control(i).forget_connection(i);
         }
     }
 
@@ -284,7 +331,20 @@ impl BlkBackend {
                 v
             })
             .collect();
-        serde_json::json!({ "queues": queues })
+        let iothreads: Vec<_> = (0..self.0.threads.len())
+            .map(|i| {
+                let t = self.control(i);
+                let c = t.engine.ring_counters();
+                serde_json::json!({
+                    "iothread": i,
+                    "ring": t.engine.ring_mode().name(),
+                    "enters": c.enters,
+                    "sqes": c.sqes,
+                    "wakeups": t.wakeups,
+                })
+            })
+            .collect();
+        serde_json::json!({ "queues": queues, "iothreads": iothreads })
     }
 
     fn pin_current_thread(&self, thread_id: usize) {
@@ -302,6 +362,44 @@ impl BlkBackend {
 }
 
 impl IoThread {
+    /// Waits for in-flight I/O (on the ring's owner thread, or where no owner runs any more),
+    /// then drops what the connection left: guest memory, pending completions, queue states.
+    fn forget_connection(&mut self, thread: usize) -> Result<(), String> {
+        let waited = if self.engine.in_flight() > 0 {
+            self.engine.wait_idle(QUIESCE_TIMEOUT).map_err(|e| {
+                log::error!("iothread {thread}: waiting for in-flight I/O failed: {e}");
+                e.to_string()
+            })
+        } else {
+            Ok(())
+        };
+        // The frontend is gone: nobody reads these used-ring entries any more.
+        self.engine.take_completions().for_each(drop);
+        if waited.is_ok() {
+            // Guest memory stays mapped while the kernel may still touch it.
+            self.mem = None;
+            self.pinned.clear();
+        }
+        self.throttled = 0;
+        self.broken = 0;
+        waited
+    }
+
+    /// Carries out the control messages posted to this thread.
+    fn serve_control(&mut self, port: &ControlPort, thread: usize) {
+        while let Some(msg) = port.next() {
+            match msg {
+                ControlMsg::Quiesce(reply) => {
+                    let _ = reply.send(self.forget_connection(thread));
+                }
+                ControlMsg::SetMemory(mem, reply) => {
+                    self.mem = Some(mem);
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        }
+    }
+
     /// The current guest memory, pinned for the requests about to be parsed.
     fn current_memory(&mut self) -> Option<Arc<Mem>> {
         let mem = self.mem.as_ref()?.memory().into_inner();
@@ -400,11 +498,12 @@ impl IoThread {
         }
     }
 
-    /// On waking from epoll: had the thread polled a little longer, would it have caught this
-    /// event? Then grow the window; if it slept longer than the largest window, shrink it.
-    /// (QEMU's rule: judge polling by how long the thread blocked.)
-    fn adapt_poll_window(&mut self, max: Duration) {
-        if let Some(slept) = self.slept_at.take() {
+    /// On waking from epoll for work: had the thread polled a little longer, would it have
+    /// caught this event? Then grow the window; if it slept longer than the largest window,
+    /// shrink it (QEMU's rule: judge polling by how long the thread blocked). Wake-ups that
+    /// found nothing to do say nothing about polling and are not counted.
+    fn adapt_poll_window(&mut self, slept_at: Option<Instant>, max: Duration) {
+        if let Some(slept) = slept_at {
             let blocked = slept.elapsed();
             self.poll_window = if blocked < max {
                 (self.poll_window * 2).clamp(POLL_MIN, max)
@@ -424,9 +523,10 @@ impl IoThread {
     }
 
     /// Busy-polls the thread's avail rings and its completion queue for `inner.poll` after the
-    /// last sign of work, with guest notifications off so the guest need not kick; then turns
-    /// notifications back on (draining whatever raced in) before the thread sleeps in epoll.
-    fn poll(&mut self, inner: &Inner, vrings: &[Vring], first_queue: usize) -> io::Result<()> {
+    /// last sign of work, with guest notifications and the ring's eventfd off (the thread
+    /// looks itself); then turns both back on, draining and reaping whatever raced in, before
+    /// the thread sleeps in epoll.
+    fn poll(&mut self, inner: &Inner, port: &ControlPort, vrings: &[Vring], first_queue: usize) {
         // Only started queues: a stopped one has no rings to look at or write to.
         let ready: u64 = vrings
             .iter()
@@ -438,25 +538,25 @@ impl IoThread {
                 let _ = vring.get_mut().disable_notification();
             }
         }
+        self.engine.set_eventfd_enabled(false);
         let window = self.poll_window.clamp(POLL_MIN.min(inner.poll), inner.poll);
         let mut found_work = false;
         let mut idle_since = Instant::now();
         while idle_since.elapsed() < window
             && !inner.stopping.load(Ordering::Relaxed)
             && inner.control_waiting.load(Ordering::Relaxed) == 0
+            && !port.pending()
         {
             let mut busy = false;
             for (local, vring) in vrings.iter().enumerate() {
                 let live = ready & !self.broken;
                 if live & (1 << local) != 0 && self.engine.can_accept() && self.has_avail(vring) {
+                    self.engine.tick();
                     self.drain(inner, vring, local, (first_queue + local) as u16, false);
                     busy = true;
                 }
             }
-            self.engine.submit()?;
-            if self.engine.in_flight() > 0 {
-                self.engine.reap()?;
-            }
+            self.submit_and_reap();
             busy |= self.deliver(inner, vrings);
             if busy {
                 found_work = true;
@@ -465,12 +565,16 @@ impl IoThread {
                 std::hint::spin_loop();
             }
         }
+        // Completions from here on wake the thread: the eventfd is back on before the last
+        // look at the CQ, and what it counted while the thread polled is stale.
+        self.engine.set_eventfd_enabled(true);
+        self.engine.clear_eventfd();
         for (local, vring) in vrings.iter().enumerate() {
             if ready & (1 << local) != 0 {
                 self.drain(inner, vring, local, (first_queue + local) as u16, true);
             }
         }
-        self.engine.submit()?;
+        self.submit_and_reap();
         self.deliver(inner, vrings);
         // Spinning pays only when work shows up while we spin (e.g. deep queues); at low
         // depth it burns a core for nothing, so the window shrinks.
@@ -480,7 +584,19 @@ impl IoThread {
             (window / 2).max(POLL_MIN)
         };
         self.slept_at = Some(Instant::now());
-        Ok(())
+    }
+
+    /// Submits what was enqueued and reaps what completed. An engine error fails no request
+    /// by itself (ops that cannot go now wait in the engine's backlog): log it and go on.
+    fn submit_and_reap(&mut self) {
+        if let Err(e) = self.engine.submit() {
+            log::error!("submitting I/O failed: {e}");
+        }
+        if self.engine.in_flight() > 0 {
+            if let Err(e) = self.engine.reap() {
+                log::error!("reaping I/O failed: {e}");
+            }
+        }
     }
 
     /// Puts completions on their used rings and signals each queue at most once.
@@ -583,6 +699,13 @@ impl VhostUserBackend for BlkBackend {
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
         for i in 0..self.0.threads.len() {
+            if self.0.live.load(Ordering::SeqCst) {
+                let m = mem.clone();
+                match self.0.ports[i].call(|r| ControlMsg::SetMemory(m, r), MEMORY_TIMEOUT) {
+                    Ok(()) => continue,
+                    Err(e) => log::error!("memory table update: {e}"),
+                }
+            }
             self.control(i).mem = Some(mem.clone());
         }
         Ok(())
@@ -633,24 +756,43 @@ impl VhostUserBackend for BlkBackend {
         }
         self.pin_current_thread(thread_id);
         let mut t = self.thread(thread_id);
-        if !inner.poll.is_zero() {
-            t.adapt_poll_window(inner.poll);
+        t.wakeups += 1;
+        // The ring belongs to the thread that submits to it: a new connection's iothread
+        // sets up its own.
+        match t.engine.adopt_current_thread() {
+            Ok(false) => {}
+            Ok(true) => log::info!(
+                "iothread {thread_id}: io_uring ring set up ({})",
+                t.engine.ring_mode().name()
+            ),
+            Err(e) => {
+                log::error!("iothread {thread_id}: {e}");
+                return Ok(());
+            }
         }
+        let slept_at = t.slept_at.take();
         let stopping = inner.stopping.load(Ordering::Relaxed);
         // Queues of a thread are contiguous (see queue_masks): local i is first_queue + i.
         let first_queue = inner.masks[thread_id].trailing_zeros() as usize;
+        let n = inner.device.num_queues as usize;
         let local = device_event as usize;
-        if local < vrings.len() && !stopping {
-            t.drain_queue(inner, &vrings[local], local, (first_queue + local) as u16);
-        } else if device_event == completion_event(inner.device.num_queues as usize) {
+        let mut work = false;
+        if local < vrings.len() {
+            if !stopping {
+                t.engine.tick();
+                t.drain_queue(inner, &vrings[local], local, (first_queue + local) as u16);
+                work = true;
+            }
+        } else if device_event == completion_event(n) {
             t.engine.clear_eventfd();
-        } else if local >= vrings.len() {
+        } else if device_event == control_event(n) {
+            t.serve_control(&inner.ports[thread_id], thread_id);
+        } else {
             log::warn!("iothread {thread_id}: unexpected event {device_event}");
         }
         loop {
-            t.engine.submit()?;
-            t.engine.reap()?;
-            t.deliver(inner, vrings);
+            t.submit_and_reap();
+            work |= t.deliver(inner, vrings);
             // Chains left behind for want of a free request: take them now that some are free.
             if t.throttled == 0 || stopping || !t.engine.can_accept() {
                 break;
@@ -663,7 +805,10 @@ impl VhostUserBackend for BlkBackend {
             }
         }
         if !inner.poll.is_zero() && !stopping {
-            t.poll(inner, vrings, first_queue)?;
+            if work {
+                t.adapt_poll_window(slept_at, inner.poll);
+            }
+            t.poll(inner, &inner.ports[thread_id], vrings, first_queue);
         }
         Ok(())
     }

@@ -67,9 +67,10 @@ pub fn serve(
             }
             Err(e) => log::warn!("frontend #{connection} ended with an error: {e}"),
         }
-        // Ends the worker threads (exit events), then finishes whatever I/O they left.
-        drop(daemon);
+        // The iothreads finish their in-flight I/O on their own rings, then end (exit events).
         backend.quiesce();
+        drop(daemon);
+        backend.connection_closed();
     }
     Ok(())
 }

@@ -26,6 +26,9 @@ fn backend(queues: u16, iothreads: usize) -> BlkBackend {
             writeback: true,
             merge: MergeLimits::default(),
             poll: Duration::ZERO,
+            submit_batch: 0,
+            ring_setup: engine::RingSetup::Auto,
+            iowq_max_workers: 0,
         },
         Arc::new(Backend::null(1 << 20)),
     )
@@ -223,6 +226,9 @@ fn bad_thread_and_cpu_counts_are_refused() {
                 writeback: true,
                 merge: MergeLimits::default(),
                 poll: Duration::ZERO,
+                submit_batch: 0,
+                ring_setup: engine::RingSetup::Auto,
+                iowq_max_workers: 0,
             },
             Arc::new(Backend::null(1 << 20)),
         )
@@ -249,6 +255,9 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
             writeback: true,
             merge: MergeLimits::default(),
             poll: Duration::ZERO,
+            submit_batch: 0,
+            ring_setup: engine::RingSetup::Auto,
+            iowq_max_workers: 0,
         },
         Arc::new(Backend::null(1 << 20)),
     )

@@ -350,6 +350,9 @@ impl Device {
         layouts: &[QueueLayout],
         event_idx: bool,
         poll: Duration,
+        submit_batch: 0,
+        ring_setup: engine::RingSetup::Auto,
+        iowq_max_workers: 0,
     ) -> Device {
         let queue_size = layouts.iter().map(|l| l.size).max().expect("one queue");
         let queues = layouts.len();
@@ -362,6 +365,9 @@ impl Device {
                 writeback: true,
                 merge: MergeLimits::default(),
                 poll,
+                submit_batch: 0,
+                ring_setup: engine::RingSetup::Auto,
+                iowq_max_workers: 0,
             },
             storage,
         )
