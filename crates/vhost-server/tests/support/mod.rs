@@ -333,6 +333,20 @@ pub struct Device {
     pub layouts: Vec<QueueLayout>,
     pub iothreads: usize,
     masks: Vec<u64>,
+    /// The thread that plays the iothreads: an iothread's ring takes submissions only from
+    /// the thread that set it up, so every event goes through this one, as in the server.
+    driver: mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+/// A thread that runs the jobs it is sent, one after another, until the sender is dropped.
+fn spawn_driver() -> mpsc::Sender<Box<dyn FnOnce() + Send>> {
+    let (tx, rx) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+    std::thread::spawn(move || {
+        for job in rx {
+            job();
+        }
+    });
+    tx
 }
 
 pub fn device_config(capacity: u64, queues: u16, queue_size: u16) -> DeviceConfig {
@@ -350,9 +364,6 @@ impl Device {
         layouts: &[QueueLayout],
         event_idx: bool,
         poll: Duration,
-        submit_batch: 0,
-        ring_setup: engine::RingSetup::Auto,
-        iowq_max_workers: 0,
     ) -> Device {
         let queue_size = layouts.iter().map(|l| l.size).max().expect("one queue");
         let queues = layouts.len();
@@ -389,6 +400,7 @@ impl Device {
             .update_memory(guest.mem.clone())
             .expect("memory table");
         Device {
+            driver: spawn_driver(),
             masks: queue_masks(queues, iothreads),
             backend,
             vrings,
@@ -446,7 +458,7 @@ impl Device {
         let completion_event = self.vrings.len() as u16 + 1;
         let (tx, rx) = mpsc::channel();
         let deadline = Instant::now() + timeout;
-        std::thread::spawn(move || {
+        let job = Box::new(move || {
             let result = (|| -> Result<(), String> {
                 for (thread, local) in kicks {
                     backend
@@ -480,6 +492,9 @@ impl Device {
             })();
             let _ = tx.send(result);
         });
+        if self.driver.send(job).is_err() {
+            return Err("the driver thread is gone".into());
+        }
         match rx.recv_timeout(timeout + Duration::from_secs(1)) {
             Ok(r) => r,
             Err(_) => Err(format!(
