@@ -56,13 +56,12 @@ impl ControlPort {
         self.wake.as_raw_fd()
     }
 
-    /// Posts the message `make` builds around a reply channel and waits up to `timeout` for
-    /// the iothread to carry it out.
-    pub(crate) fn call(
+    /// Posts the message `make` builds around a reply channel and wakes the iothread; the
+    /// answer arrives on the returned channel.
+    pub(crate) fn post(
         &self,
         make: impl FnOnce(Reply) -> ControlMsg,
-        timeout: Duration,
-    ) -> Result<(), ControlError> {
+    ) -> Result<Receiver<Result<(), String>>, ControlError> {
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.tx
             .send(make(reply))
@@ -70,6 +69,15 @@ impl ControlPort {
         if self.wake.write(1).is_err() {
             return Err(ControlError::Gone(self.thread));
         }
+        Ok(answer)
+    }
+
+    /// Waits up to `timeout` for the answer to a posted message.
+    pub(crate) fn wait(
+        &self,
+        answer: Receiver<Result<(), String>>,
+        timeout: Duration,
+    ) -> Result<(), ControlError> {
         match answer.recv_timeout(timeout) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(why)) => Err(ControlError::Failed(self.thread, why)),

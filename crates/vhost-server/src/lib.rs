@@ -122,8 +122,9 @@ struct Inner {
     threads: Vec<Mutex<IoThread>>,
     /// Per iothread: its control channel, served while a connection's event loops run.
     ports: Vec<ControlPort>,
-    /// Set while a connection's event loops (our iothreads) are running.
-    live: AtomicBool,
+    /// Set while a connection's event loops (our iothreads) are running. Messages are posted
+    /// under this lock, so that none is posted after the loops ended and left unanswered.
+    live: Mutex<bool>,
 }
 
 /// The `VhostUserBackend` of uringblk: cheap to clone, shared by the daemon's threads.
@@ -241,7 +242,7 @@ impl BlkBackend {
             control_waiting: AtomicU32::new(0),
             threads,
             ports,
-            live: AtomicBool::new(false),
+            live: Mutex::new(false),
         })))
     }
 
@@ -280,13 +281,40 @@ impl BlkBackend {
                 u64::from(control_event(n)),
             )?;
         }
-        self.0.live.store(true, Ordering::SeqCst);
+        *self.live() = true;
         Ok(())
     }
 
-    /// The connection's event loops have ended: control work is done in place again.
+    /// The connection's event loops have ended: control work is done in place again, and a
+    /// message no loop took is answered (its caller then does the work in place).
     pub fn connection_closed(&self) {
-        self.0.live.store(false, Ordering::SeqCst);
+        let mut live = self.live();
+        *live = false;
+        for port in &self.0.ports {
+            port.discard_stale();
+        }
+    }
+
+    fn live(&self) -> MutexGuard<'_, bool> {
+        self.0.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Has iothread `i` carry out a message, if a connection's event loop runs it: None when
+    /// none does (the caller does the work in place).
+    fn ask(
+        &self,
+        i: usize,
+        make: impl FnOnce(control::Reply) -> ControlMsg,
+        timeout: Duration,
+    ) -> Option<Result<(), control::ControlError>> {
+        let answer = {
+            let live = self.live();
+            if !*live {
+                return None;
+            }
+            self.0.ports[i].post(make)
+        };
+        Some(answer.and_then(|a| self.0.ports[i].wait(a, timeout)))
     }
 
     /// Stops taking new requests (shutdown). In-flight ones still complete.
@@ -298,12 +326,11 @@ impl BlkBackend {
     /// Used between connections and at shutdown.
     pub fn quiesce(&self) {
         for i in 0..self.0.threads.len() {
-            if self.0.live.load(Ordering::SeqCst) {
-                // The iothread owns its ring: it waits for its own I/O.
-                match self.0.ports[i].call(ControlMsg::Quiesce, QUIESCE_TIMEOUT + MEMORY_TIMEOUT) {
-                    Ok(()) => continue,
-                    Err(e) => log::error!("quiesce: {e}"),
-                }
+            // The iothread owns its ring: it waits for its own I/O.
+            match self.ask(i, ControlMsg::Quiesce, QUIESCE_TIMEOUT + MEMORY_TIMEOUT) {
+                Some(Ok(())) => continue,
+                Some(Err(e)) => log::warn!("quiesce: {e}"),
+                None => {}
             }
             // No event loop runs (between connections), or it did not answer; a failure is
             // logged where it happens.
@@ -699,12 +726,11 @@ impl VhostUserBackend for BlkBackend {
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
         for i in 0..self.0.threads.len() {
-            if self.0.live.load(Ordering::SeqCst) {
-                let m = mem.clone();
-                match self.0.ports[i].call(|r| ControlMsg::SetMemory(m, r), MEMORY_TIMEOUT) {
-                    Ok(()) => continue,
-                    Err(e) => log::error!("memory table update: {e}"),
-                }
+            let m = mem.clone();
+            match self.ask(i, |r| ControlMsg::SetMemory(m, r), MEMORY_TIMEOUT) {
+                Some(Ok(())) => continue,
+                Some(Err(e)) => log::warn!("memory table update: {e}"),
+                None => {}
             }
             self.control(i).mem = Some(mem.clone());
         }
