@@ -1,0 +1,295 @@
+//! A split virtqueue read straight through a [`GuestRegions`] snapshot: the avail index, the
+//! avail ring entries and the descriptors (direct and indirect), each with one translation and
+//! one volatile read. Every loop has a hard bound, every address is checked; it follows
+//! virtio-queue's `DescriptorChain` rules exactly, so a chain means the same on either path:
+//!
+//! - a direct chain has at most `queue size` descriptors, an indirect table at most its length
+//!   (a longer chain is a loop);
+//! - `next` indexes the table being walked: the queue's, or the indirect table's once an
+//!   INDIRECT descriptor switched to it (what follows the INDIRECT descriptor in the direct
+//!   chain is ignored);
+//! - an indirect table's length is a non-zero multiple of 16, at most 65535 entries, and it
+//!   holds no INDIRECT descriptor;
+//! - the chain's lengths add up to less than 4 GiB.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+use crate::guest_regions::GuestRegions;
+
+/// Size of one descriptor in a table.
+pub const DESCRIPTOR_SIZE: u64 = 16;
+
+/// One descriptor as the guest wrote it (little-endian fields decoded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+impl Descriptor {
+    pub fn from_le_bytes(b: &[u8; 16]) -> Self {
+        Descriptor {
+            addr: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            flags: u16::from_le_bytes([b[12], b[13]]),
+            next: u16::from_le_bytes([b[14], b[15]]),
+        }
+    }
+
+    pub fn has_next(&self) -> bool {
+        self.flags & VRING_DESC_F_NEXT as u16 != 0
+    }
+
+    pub fn is_write_only(&self) -> bool {
+        self.flags & VRING_DESC_F_WRITE as u16 != 0
+    }
+
+    pub fn is_indirect(&self) -> bool {
+        self.flags & VRING_DESC_F_INDIRECT as u16 != 0
+    }
+}
+
+impl From<virtio_queue::desc::split::Descriptor> for Descriptor {
+    fn from(d: virtio_queue::desc::split::Descriptor) -> Self {
+        Descriptor {
+            addr: d.addr().0,
+            len: d.len(),
+            flags: d.flags(),
+            next: d.next(),
+        }
+    }
+}
+
+/// Why the avail ring cannot be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    #[error("avail ring entry at {addr:#x} is not inside guest memory")]
+    AvailNotInMemory { addr: u64 },
+    #[error("avail index at {addr:#x} is not 2-byte aligned in the host")]
+    AvailIndexMisaligned { addr: u64 },
+    #[error("queue size is 0")]
+    EmptyQueue,
+}
+
+/// Why a descriptor chain ended abnormally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("head index {head} is not below the queue size {size}")]
+    HeadOutOfRange { head: u16, size: u16 },
+    #[error("descriptor at {addr:#x} is not inside guest memory")]
+    DescriptorNotInMemory { addr: u64 },
+    #[error("next index {next} is outside the table of {table_len} descriptors")]
+    NextOutOfTable { next: u16, table_len: u16 },
+    #[error("chain longer than its table of {table_len} descriptors (a loop)")]
+    TooLong { table_len: u16 },
+    #[error("indirect table of {len} bytes: not a non-zero multiple of 16 below 1 MiB")]
+    BadIndirectLength { len: u32 },
+    #[error("indirect descriptor inside an indirect table")]
+    NestedIndirect,
+    #[error("descriptor lengths add up to 4 GiB or more")]
+    TooManyBytes,
+}
+
+/// Where a split virtqueue's descriptor table and avail ring live, and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitRing {
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub size: u16,
+}
+
+impl SplitRing {
+    /// The guest's avail index, read with Acquire ordering: the ring entries and descriptors
+    /// the guest wrote before publishing it are visible after it.
+    pub fn avail_idx(&self, regions: &GuestRegions) -> Result<u16, RingError> {
+        let addr = self
+            .avail_ring
+            .checked_add(2)
+            .ok_or(RingError::AvailNotInMemory {
+                addr: self.avail_ring,
+            })?;
+        let host = regions
+            .host(addr, 2)
+            .ok_or(RingError::AvailNotInMemory { addr })?;
+        if host as usize % 2 != 0 {
+            return Err(RingError::AvailIndexMisaligned { addr });
+        }
+        // SAFETY: host() proved [host, host + 2) lies in a mapping the snapshot keeps alive,
+        // and it is 2-byte aligned (checked above); the guest writes it concurrently, which an
+        // atomic load tolerates.
+        let idx = unsafe { AtomicU16::from_ptr(host.cast::<u16>()) }.load(Ordering::Acquire);
+        Ok(u16::from_le(idx))
+    }
+
+    /// The head index in avail ring entry `position % size` (not checked against the size:
+    /// [`SplitRing::chain`] does that).
+    pub fn head(&self, regions: &GuestRegions, position: u16) -> Result<u16, RingError> {
+        if self.size == 0 {
+            return Err(RingError::EmptyQueue);
+        }
+        let offset = 4 + 2 * u64::from(position % self.size);
+        let addr = self
+            .avail_ring
+            .checked_add(offset)
+            .ok_or(RingError::AvailNotInMemory {
+                addr: self.avail_ring,
+            })?;
+        let mut entry = [0u8; 2];
+        match regions.host(addr, 2) {
+            // SAFETY: host() proved [p, p + 2) lies in a mapping the snapshot keeps alive; a
+            // byte array needs no alignment.
+            Some(p) => entry = unsafe { p.cast::<[u8; 2]>().read_volatile() },
+            None if regions.read(addr, &mut entry) => {}
+            None => return Err(RingError::AvailNotInMemory { addr }),
+        }
+        Ok(u16::from_le_bytes(entry))
+    }
+
+    /// The chain that starts at descriptor `head`.
+    pub fn chain<'r>(&self, regions: &'r GuestRegions, head: u16) -> DescriptorWalk<'r> {
+        DescriptorWalk {
+            regions,
+            head,
+            queue_size: self.size,
+            table: self.desc_table,
+            table_len: self.size,
+            next_index: head,
+            ttl: self.size,
+            in_indirect: false,
+            finished: false,
+            total_len: 0,
+            error: None,
+        }
+    }
+}
+
+/// The descriptors of one chain, in order; see the module doc for the rules.
+#[derive(Debug)]
+pub struct DescriptorWalk<'r> {
+    regions: &'r GuestRegions,
+    head: u16,
+    queue_size: u16,
+    /// The table being walked (the queue's or an indirect one) and its length in descriptors.
+    table: u64,
+    table_len: u16,
+    next_index: u16,
+    /// Descriptors this table may still yield: the bound that ends loops.
+    ttl: u16,
+    in_indirect: bool,
+    finished: bool,
+    total_len: u32,
+    error: Option<ChainError>,
+}
+
+impl<'r> DescriptorWalk<'r> {
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    pub fn regions(&self) -> &'r GuestRegions {
+        self.regions
+    }
+
+    /// Why the walk failed, once [`DescriptorWalk::next_descriptor`] returned an error.
+    pub fn error(&self) -> Option<ChainError> {
+        self.error
+    }
+
+    /// The next descriptor, `Ok(None)` after the last one (the one without NEXT), or why the
+    /// chain is malformed (then the walk stays failed).
+    pub fn next_descriptor(&mut self) -> Result<Option<Descriptor>, ChainError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if self.finished {
+            return Ok(None);
+        }
+        match self.step() {
+            Ok(desc) => Ok(Some(desc)),
+            Err(e) => {
+                self.error = Some(e);
+                Err(e)
+            }
+        }
+    }
+
+    fn step(&mut self) -> Result<Descriptor, ChainError> {
+        if self.head >= self.queue_size {
+            return Err(ChainError::HeadOutOfRange {
+                head: self.head,
+                size: self.queue_size,
+            });
+        }
+        // At most two passes: the second one only after switching to an indirect table, and
+        // an indirect descriptor inside that table is an error.
+        loop {
+            if self.ttl == 0 {
+                return Err(ChainError::TooLong {
+                    table_len: self.table_len,
+                });
+            }
+            if self.next_index >= self.table_len {
+                return Err(ChainError::NextOutOfTable {
+                    next: self.next_index,
+                    table_len: self.table_len,
+                });
+            }
+            let desc = self.read(self.next_index)?;
+            if desc.is_indirect() {
+                self.enter_indirect(desc)?;
+                continue;
+            }
+            self.total_len = self
+                .total_len
+                .checked_add(desc.len)
+                .ok_or(ChainError::TooManyBytes)?;
+            if desc.has_next() {
+                self.next_index = desc.next;
+                self.ttl -= 1;
+            } else {
+                self.finished = true;
+            }
+            return Ok(desc);
+        }
+    }
+
+    fn enter_indirect(&mut self, desc: Descriptor) -> Result<(), ChainError> {
+        if self.in_indirect {
+            return Err(ChainError::NestedIndirect);
+        }
+        let entries = u64::from(desc.len) / DESCRIPTOR_SIZE;
+        let table_len = u16::try_from(entries)
+            .ok()
+            .filter(|&n| n > 0 && u64::from(desc.len) % DESCRIPTOR_SIZE == 0)
+            .ok_or(ChainError::BadIndirectLength { len: desc.len })?;
+        self.table = desc.addr;
+        self.table_len = table_len;
+        self.next_index = 0;
+        self.ttl = table_len;
+        self.in_indirect = true;
+        Ok(())
+    }
+
+    /// Descriptor `index` of the current table (index < table_len, checked by the caller).
+    fn read(&self, index: u16) -> Result<Descriptor, ChainError> {
+        // index * 16 < 2^20: no overflow; the addition is checked.
+        let addr = self
+            .table
+            .checked_add(u64::from(index) * DESCRIPTOR_SIZE)
+            .ok_or(ChainError::DescriptorNotInMemory { addr: self.table })?;
+        let mut bytes = [0u8; DESCRIPTOR_SIZE as usize];
+        match self.regions.host(addr, DESCRIPTOR_SIZE) {
+            // SAFETY: host() proved [p, p + 16) lies in a mapping the snapshot keeps alive; a
+            // byte array needs no alignment, so an unaligned table is fine.
+            Some(p) => bytes = unsafe { p.cast::<[u8; 16]>().read_volatile() },
+            // A descriptor straddling two adjacent regions (only an unaligned table can).
+            None if self.regions.read(addr, &mut bytes) => {}
+            None => return Err(ChainError::DescriptorNotInMemory { addr }),
+        }
+        Ok(Descriptor::from_le_bytes(&bytes))
+    }
+}
