@@ -29,6 +29,9 @@ impl HostRegion {
     }
 }
 
+/// Up to this many regions, host() scans them in order rather than binary-searching.
+const LINEAR_SCAN_MAX: usize = 4;
+
 /// Guest memory, as host pointers. Sorted by guest address, non-overlapping (as vm-memory
 /// guarantees for the memory it is built from).
 pub struct GuestRegions {
@@ -109,6 +112,10 @@ impl GuestRegions {
         match self.regions.as_slice() {
             // The usual case (one memory region), without a search.
             [only] => only.host(addr, len),
+            // A few regions (what VMMs and libblkio hand us): a scan is cheaper than a search.
+            regions if regions.len() <= LINEAR_SCAN_MAX => {
+                regions.iter().find_map(|r| r.host(addr, len))
+            }
             regions => {
                 // The last region starting at or below addr is the only candidate.
                 let i = regions.partition_point(|r| r.guest_start <= addr);
@@ -208,4 +215,29 @@ impl Iterator for Pieces<'_> {
             }
         }
     }
+}
+
+/// 16 bytes at any alignment: a volatile read of it is two plain (possibly unaligned) 8-byte
+/// loads on x86-64 and aarch64, where a `[u8; 16]` read is sixteen byte loads.
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+struct Unaligned16 {
+    lo: u64,
+    hi: u64,
+}
+
+/// Reads 16 guest bytes at `src` with a volatile load, as one little-endian u128 (byte 0 is
+/// the lowest). A u128 rather than a byte array because the compiler then decodes fields
+/// with shifts instead of byte shuffles.
+///
+/// # Safety
+/// [src, src + 16) must be readable host memory for the duration of the call (a range
+/// [`GuestRegions::host`] returned, while the snapshot is alive).
+#[inline]
+pub(crate) unsafe fn read_volatile_le128(src: *const u8) -> u128 {
+    // SAFETY: the caller guarantees 16 readable bytes at src; Unaligned16 has alignment 1,
+    // so any address is suitably aligned for it.
+    let v = unsafe { src.cast::<Unaligned16>().read_volatile() };
+    let (lo, hi) = (v.lo, v.hi);
+    u128::from(u64::from_le(lo)) | u128::from(u64::from_le(hi)) << 64
 }

@@ -6,7 +6,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemory;
 
 use crate::config::DeviceConfig;
-use crate::guest_regions::GuestRegions;
+use crate::guest_regions::{read_volatile_le128, GuestRegions};
 use crate::split_ring::{Descriptor, DescriptorWalk};
 use crate::wire::{
     RawRange, RequestHeader, RAW_RANGE_SIZE, REQUEST_HEADER_SIZE, SECTOR_SHIFT, SECTOR_SIZE,
@@ -263,9 +263,10 @@ struct ParseState<'c> {
     header_filled: usize,
     decoded: Option<Decoded>,
     seen_writable: bool,
-    /// The latest non-empty writable descriptor: its last byte is the status, unless a later
-    /// writable descriptor arrives, which makes it all data.
-    pending_writable: Option<(u64, u32)>,
+    /// The latest non-empty writable descriptor (guest address, length, host address or null
+    /// if it spans regions): its last byte is the status, unless a later writable descriptor
+    /// arrives, which makes it all data.
+    pending_writable: Option<(u64, u32, *mut u8)>,
     max_iovecs: usize,
     segments_overflow: bool,
     /// GET_ID bytes still wanted: only the first 20 writable bytes are kept as iovecs.
@@ -277,23 +278,9 @@ struct ParseState<'c> {
     range_count: u64,
     max_ranges: u32,
     range_error: Option<ParseError>,
-    /// Host mappings of the last two descriptors (guest start, guest end, host start): one
-    /// region lookup per descriptor serves the header, the data and the status byte.
-    translated: [(u64, u64, *mut u8); 2],
 }
 
 impl<'c> ParseState<'c> {
-    /// The host address of [addr, addr+len) when it lies inside a recently translated
-    /// descriptor.
-    fn host(&self, addr: u64, len: u32) -> Option<*mut u8> {
-        let end = addr.checked_add(u64::from(len))?;
-        self.translated
-            .iter()
-            .find(|&&(start, stop, host)| !host.is_null() && start <= addr && end <= stop)
-            // SAFETY: addr - start < stop - start, the length of the mapped range at `host`.
-            .map(|&(start, _, host)| unsafe { host.add((addr - start) as usize) })
-    }
-
     fn new(cfg: &'c DeviceConfig, out: &Request) -> Self {
         let max_iovecs = (cfg.seg_max as usize)
             .saturating_add(2)
@@ -315,7 +302,6 @@ impl<'c> ParseState<'c> {
             range_count: 0,
             max_ranges: 0,
             range_error: None,
-            translated: [(0, 0, std::ptr::null_mut()); 2],
         }
     }
 
@@ -329,28 +315,28 @@ impl<'c> ParseState<'c> {
         if len == 0 {
             return Ok(());
         }
-        // Common case: the descriptor lies inside one region, and one lookup maps it.
+        // Common case: the descriptor lies inside one region, and this one lookup maps it
+        // for the header, the data and the status byte. Null: it spans regions (slow path).
         let host = regions
             .host(addr, u64::from(len))
             .unwrap_or(std::ptr::null_mut());
         if host.is_null() && !regions.contains(addr, u64::from(len)) {
             return Err(not_in_memory(addr, len));
         }
-        self.translated[1] = self.translated[0];
-        // No overflow: the range is inside guest memory.
-        self.translated[0] = (addr, addr + u64::from(len), host);
         if desc.is_write_only() {
-            self.writable(regions, addr, len, out)
+            self.writable(regions, addr, len, host, out)
         } else {
-            self.readable(regions, addr, len, out)
+            self.readable(regions, addr, len, host, out)
         }
     }
 
+    /// A device-readable descriptor; `host` maps all of it, or is null if it spans regions.
     fn readable(
         &mut self,
         regions: &GuestRegions,
         addr: u64,
         len: u32,
+        host: *mut u8,
         out: &mut Request,
     ) -> Result<(), ParseError> {
         if self.seen_writable {
@@ -359,21 +345,19 @@ impl<'c> ParseState<'c> {
         let mut offset = 0u32;
         if self.header_filled < REQUEST_HEADER_SIZE {
             let take = (REQUEST_HEADER_SIZE - self.header_filled).min(len as usize);
-            match self.host(addr, take as u32) {
+            match host {
                 // The usual case, the whole header in one descriptor: one 16-byte read.
-                Some(src) if take == REQUEST_HEADER_SIZE => {
-                    // SAFETY: [src, src+16) lies in the mapped descriptor (see host()), and a
-                    // byte array needs no alignment.
-                    self.header =
-                        unsafe { src.cast::<[u8; REQUEST_HEADER_SIZE]>().read_volatile() };
+                src if !src.is_null() && take == REQUEST_HEADER_SIZE => {
+                    // SAFETY: take <= len, so [src, src+16) lies in the mapped descriptor.
+                    self.header = unsafe { read_volatile_le128(src) }.to_le_bytes();
                 }
-                Some(src) => {
+                src if !src.is_null() => {
                     for i in 0..take {
-                        // SAFETY: [src, src+take) lies in the mapped descriptor (see host()).
+                        // SAFETY: take <= len: [src, src+take) lies in the mapped descriptor.
                         self.header[self.header_filled + i] = unsafe { src.add(i).read_volatile() };
                     }
                 }
-                None => {
+                _ => {
                     let dst = &mut self.header[self.header_filled..self.header_filled + take];
                     if !regions.read(addr, dst) {
                         return Err(not_in_memory(addr, len));
@@ -394,7 +378,13 @@ impl<'c> ParseState<'c> {
         let rest_len = len - offset;
         match self.decoded {
             Some(Decoded::Kind(RequestKind::Write)) => {
-                self.push_data(regions, rest_addr, rest_len, out)
+                let rest_host = if host.is_null() {
+                    host
+                } else {
+                    // SAFETY: offset < len: still inside the mapped descriptor.
+                    unsafe { host.add(offset as usize) }
+                };
+                self.push_data(regions, rest_addr, rest_len, rest_host, out)
             }
             Some(Decoded::Kind(RequestKind::Discard | RequestKind::WriteZeroes)) => {
                 self.range_payload(regions, rest_addr, rest_len, out)
@@ -404,11 +394,13 @@ impl<'c> ParseState<'c> {
         }
     }
 
+    /// A device-writable descriptor; `host` as for readable().
     fn writable(
         &mut self,
         regions: &GuestRegions,
         addr: u64,
         len: u32,
+        host: *mut u8,
         out: &mut Request,
     ) -> Result<(), ParseError> {
         if self.header_filled < REQUEST_HEADER_SIZE {
@@ -416,8 +408,10 @@ impl<'c> ParseState<'c> {
         }
         self.seen_writable = true;
         out.used_len = out.used_len.saturating_add(len);
-        if let Some((prev_addr, prev_len)) = self.pending_writable.replace((addr, len)) {
-            self.writable_data(regions, prev_addr, prev_len, out)?;
+        if let Some((prev_addr, prev_len, prev_host)) =
+            self.pending_writable.replace((addr, len, host))
+        {
+            self.writable_data(regions, prev_addr, prev_len, prev_host, out)?;
         }
         Ok(())
     }
@@ -427,17 +421,18 @@ impl<'c> ParseState<'c> {
         regions: &GuestRegions,
         addr: u64,
         len: u32,
+        host: *mut u8,
         out: &mut Request,
     ) -> Result<(), ParseError> {
         match self.decoded {
-            Some(Decoded::Kind(RequestKind::Read)) => self.push_data(regions, addr, len, out),
+            Some(Decoded::Kind(RequestKind::Read)) => self.push_data(regions, addr, len, host, out),
             Some(Decoded::Kind(RequestKind::GetId)) => {
                 let take = len.min(self.id_bytes_left);
                 self.id_bytes_left -= take;
                 if take == 0 {
                     return Ok(());
                 }
-                self.push_data(regions, addr, take, out)
+                self.push_data(regions, addr, take, host, out)
             }
             // Writable bytes before the status mean nothing to the other types.
             _ => Ok(()),
@@ -473,12 +468,13 @@ impl<'c> ParseState<'c> {
     }
 
     /// Appends the host view of guest range [addr, addr+len) to `out.iovecs`, one iovec per
-    /// memory region it touches.
+    /// memory region it touches. `host` maps the whole range, or is null if it spans regions.
     fn push_data(
         &mut self,
         regions: &GuestRegions,
         addr: u64,
         len: u32,
+        host: *mut u8,
         out: &mut Request,
     ) -> Result<(), ParseError> {
         out.data_len = out.data_len.saturating_add(len);
@@ -488,13 +484,13 @@ impl<'c> ParseState<'c> {
         if len == 0 {
             return Ok(());
         }
-        if let Some(base) = self.host(addr, len) {
+        if !host.is_null() {
             if out.iovecs.len() >= self.max_iovecs {
                 self.segments_overflow = true;
                 return Ok(());
             }
             out.iovecs.push(libc::iovec {
-                iov_base: base.cast(),
+                iov_base: host.cast(),
                 iov_len: len as usize,
             });
             return Ok(());
@@ -561,20 +557,24 @@ impl<'c> ParseState<'c> {
         }
     }
 
-    fn finish(mut self, regions: &GuestRegions, out: &mut Request) -> Result<(), ParseError> {
+    fn finish(&mut self, regions: &GuestRegions, out: &mut Request) -> Result<(), ParseError> {
         if self.header_filled < REQUEST_HEADER_SIZE {
             return Err(ParseError::HeaderTooShort(self.header_filled as u32));
         }
-        let Some((addr, len)) = self.pending_writable else {
+        let Some((addr, len, host)) = self.pending_writable else {
             return Err(ParseError::NoWritableDescriptor);
         };
         // len >= 1: empty descriptors never become pending; inside memory: no overflow.
         let status_addr = addr + u64::from(len - 1);
-        self.writable_data(regions, addr, len - 1, out)?;
-        out.status = self
-            .host(status_addr, 1)
-            .or_else(|| regions.host(status_addr, 1))
-            .ok_or_else(|| not_in_memory(status_addr, 1))?;
+        self.writable_data(regions, addr, len - 1, host, out)?;
+        out.status = if host.is_null() {
+            regions
+                .host(status_addr, 1)
+                .ok_or_else(|| not_in_memory(status_addr, 1))?
+        } else {
+            // SAFETY: len >= 1 bytes are mapped at host: the last one is too.
+            unsafe { host.add(len as usize - 1) }
+        };
         self.validate(out)
     }
 

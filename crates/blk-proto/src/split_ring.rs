@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
-use crate::guest_regions::GuestRegions;
+use crate::guest_regions::{read_volatile_le128, GuestRegions};
 
 /// Size of one descriptor in a table.
 pub const DESCRIPTOR_SIZE: u64 = 16;
@@ -31,13 +31,18 @@ pub struct Descriptor {
 }
 
 impl Descriptor {
-    pub fn from_le_bytes(b: &[u8; 16]) -> Self {
+    /// Decodes the 16 bytes of a descriptor read as one little-endian u128.
+    pub fn from_le_u128(v: u128) -> Self {
         Descriptor {
-            addr: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-            len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-            flags: u16::from_le_bytes([b[12], b[13]]),
-            next: u16::from_le_bytes([b[14], b[15]]),
+            addr: v as u64,
+            len: (v >> 64) as u32,
+            flags: (v >> 96) as u16,
+            next: (v >> 112) as u16,
         }
+    }
+
+    pub fn from_le_bytes(b: &[u8; 16]) -> Self {
+        Self::from_le_u128(u128::from_le_bytes(*b))
     }
 
     pub fn has_next(&self) -> bool {
@@ -149,12 +154,16 @@ impl SplitRing {
         Ok(u16::from_le_bytes(entry))
     }
 
-    /// The chain that starts at descriptor `head`.
+    /// The chain that starts at descriptor `head` (a head not below the queue size makes
+    /// the walk fail at once).
     pub fn chain<'r>(&self, regions: &'r GuestRegions, head: u16) -> DescriptorWalk<'r> {
+        let error = (head >= self.size).then_some(ChainError::HeadOutOfRange {
+            head,
+            size: self.size,
+        });
         DescriptorWalk {
             regions,
             head,
-            queue_size: self.size,
             table: self.desc_table,
             table_len: self.size,
             next_index: head,
@@ -162,7 +171,7 @@ impl SplitRing {
             in_indirect: false,
             finished: false,
             total_len: 0,
-            error: None,
+            error,
         }
     }
 }
@@ -172,7 +181,6 @@ impl SplitRing {
 pub struct DescriptorWalk<'r> {
     regions: &'r GuestRegions,
     head: u16,
-    queue_size: u16,
     /// The table being walked (the queue's or an indirect one) and its length in descriptors.
     table: u64,
     table_len: u16,
@@ -218,12 +226,6 @@ impl<'r> DescriptorWalk<'r> {
     }
 
     fn step(&mut self) -> Result<Descriptor, ChainError> {
-        if self.head >= self.queue_size {
-            return Err(ChainError::HeadOutOfRange {
-                head: self.head,
-                size: self.queue_size,
-            });
-        }
         // At most two passes: the second one only after switching to an indirect table, and
         // an indirect descriptor inside that table is an error.
         loop {
@@ -281,14 +283,15 @@ impl<'r> DescriptorWalk<'r> {
             .table
             .checked_add(u64::from(index) * DESCRIPTOR_SIZE)
             .ok_or(ChainError::DescriptorNotInMemory { addr: self.table })?;
+        if let Some(p) = self.regions.host(addr, DESCRIPTOR_SIZE) {
+            // SAFETY: host() proved [p, p + 16) lies in a mapping the snapshot keeps alive;
+            // read_volatile_le128 copes with an unaligned table.
+            return Ok(Descriptor::from_le_u128(unsafe { read_volatile_le128(p) }));
+        }
+        // A descriptor straddling two adjacent regions (only an unaligned table can).
         let mut bytes = [0u8; DESCRIPTOR_SIZE as usize];
-        match self.regions.host(addr, DESCRIPTOR_SIZE) {
-            // SAFETY: host() proved [p, p + 16) lies in a mapping the snapshot keeps alive; a
-            // byte array needs no alignment, so an unaligned table is fine.
-            Some(p) => bytes = unsafe { p.cast::<[u8; 16]>().read_volatile() },
-            // A descriptor straddling two adjacent regions (only an unaligned table can).
-            None if self.regions.read(addr, &mut bytes) => {}
-            None => return Err(ChainError::DescriptorNotInMemory { addr }),
+        if !self.regions.read(addr, &mut bytes) {
+            return Err(ChainError::DescriptorNotInMemory { addr });
         }
         Ok(Descriptor::from_le_bytes(&bytes))
     }

@@ -359,3 +359,37 @@ fn an_avail_ring_outside_guest_memory_or_misaligned_is_an_error() {
     let empty = SplitRing { size: 0, ..ring() };
     assert_eq!(empty.head(&regions, 0), Err(RingError::EmptyQueue));
 }
+
+#[test]
+fn an_unaligned_table_is_read_correctly() {
+    let mem = guest();
+    let regions = snapshot(&mem);
+    for table in [0x2001u64, 0x2004, 0x2008] {
+        desc(
+            &mem,
+            table,
+            0,
+            0x1122_3344_5566_7788,
+            0x99aa_bbcc,
+            NEXT | VRING_DESC_F_WRITE,
+            1,
+        );
+        desc(&mem, table, 1, HDR, 16, 0, 0);
+        let ring = SplitRing {
+            desc_table: table,
+            ..ring()
+        };
+        let (seen, end) = walk_all(&mut ring.chain(&regions, 0));
+        assert_eq!(end, Ok(()));
+        assert_eq!(
+            seen[0],
+            Descriptor {
+                addr: 0x1122_3344_5566_7788,
+                len: 0x99aa_bbcc,
+                flags: (NEXT | VRING_DESC_F_WRITE) as u16,
+                next: 1
+            }
+        );
+        assert_eq!((seen[1].addr, seen[1].len), (HDR, 16));
+    }
+}
