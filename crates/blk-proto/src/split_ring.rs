@@ -209,6 +209,8 @@ impl<'r> DescriptorWalk<'r> {
 
     /// The next descriptor, `Ok(None)` after the last one (the one without NEXT), or why the
     /// chain is malformed (then the walk stays failed).
+    // Inlined into the parser's loop: a call per descriptor costs more than the walk step.
+    #[inline(always)]
     pub fn next_descriptor(&mut self) -> Result<Option<Descriptor>, ChainError> {
         if let Some(e) = self.error {
             return Err(e);
@@ -225,6 +227,7 @@ impl<'r> DescriptorWalk<'r> {
         }
     }
 
+    #[inline(always)]
     fn step(&mut self) -> Result<Descriptor, ChainError> {
         // At most two passes: the second one only after switching to an indirect table, and
         // an indirect descriptor inside that table is an error.
@@ -277,6 +280,7 @@ impl<'r> DescriptorWalk<'r> {
     }
 
     /// Descriptor `index` of the current table (index < table_len, checked by the caller).
+    #[inline(always)]
     fn read(&self, index: u16) -> Result<Descriptor, ChainError> {
         // index * 16 < 2^20: no overflow; the addition is checked.
         let addr = self
