@@ -52,5 +52,5 @@ pub mod wire;
 pub use config::{parse_config_write, ConfigError, DeviceConfig};
 pub use guest_regions::GuestRegions;
 pub use request::{parse, parse_walk, ParseError, Range, Request, RequestKind};
-pub use split_ring::{ChainError, DescriptorWalk, RingError, SplitRing};
+pub use split_ring::{ChainError, DescriptorWalk, MappedRing, RingError, SplitRing};
 pub use wire::*;

@@ -154,6 +154,29 @@ impl SplitRing {
         Ok(u16::from_le_bytes(entry))
     }
 
+    /// The ring with its descriptor table and avail ring translated once each (when each lies
+    /// inside one region), so that reading them per request needs no region lookup: what a
+    /// drain does, once per batch.
+    pub fn map<'r>(&self, regions: &'r GuestRegions) -> MappedRing<'r> {
+        let table_bytes = DESCRIPTOR_SIZE * u64::from(self.size);
+        let desc_host = regions
+            .host(self.desc_table, table_bytes)
+            .unwrap_or(std::ptr::null_mut());
+        // flags, idx and one entry per descriptor; the idx must be 2-byte aligned for its
+        // atomic load, else the unmapped path reports it.
+        let avail_bytes = 4 + 2 * u64::from(self.size);
+        let avail_host = regions
+            .host(self.avail_ring, avail_bytes)
+            .filter(|&p| p as usize % 2 == 0)
+            .unwrap_or(std::ptr::null_mut());
+        MappedRing {
+            ring: *self,
+            regions,
+            desc_host,
+            avail_host,
+        }
+    }
+
     /// The chain that starts at descriptor `head` (a head not below the queue size makes
     /// the walk fail at once).
     pub fn chain<'r>(&self, regions: &'r GuestRegions, head: u16) -> DescriptorWalk<'r> {
@@ -165,6 +188,7 @@ impl SplitRing {
             regions,
             head,
             table: self.desc_table,
+            table_host: std::ptr::null(),
             table_len: self.size,
             next_index: head,
             ttl: self.size,
@@ -176,6 +200,62 @@ impl SplitRing {
     }
 }
 
+/// A [`SplitRing`] whose descriptor table and avail ring are mapped (see [`SplitRing::map`]).
+/// Same results as the unmapped ring's methods, with fewer lookups.
+#[derive(Debug)]
+pub struct MappedRing<'r> {
+    ring: SplitRing,
+    regions: &'r GuestRegions,
+    /// Host address of the whole descriptor table, or null (then each read is translated).
+    desc_host: *mut u8,
+    /// Host address of the avail ring's flags, idx and entries (idx 2-aligned), or null.
+    avail_host: *mut u8,
+}
+
+impl<'r> MappedRing<'r> {
+    pub fn size(&self) -> u16 {
+        self.ring.size
+    }
+
+    /// As [`SplitRing::avail_idx`].
+    pub fn avail_idx(&self) -> Result<u16, RingError> {
+        if self.avail_host.is_null() {
+            return self.ring.avail_idx(self.regions);
+        }
+        // SAFETY: map() proved the avail ring's first 4 + 2 * size bytes lie in a mapping the
+        // snapshot keeps alive, and that avail_host (so avail_host + 2) is 2-byte aligned; the
+        // guest writes the index concurrently, which an atomic load tolerates.
+        let idx = unsafe { AtomicU16::from_ptr(self.avail_host.add(2).cast::<u16>()) }
+            .load(Ordering::Acquire);
+        Ok(u16::from_le(idx))
+    }
+
+    /// As [`SplitRing::head`].
+    pub fn head(&self, position: u16) -> Result<u16, RingError> {
+        if self.avail_host.is_null() || self.ring.size == 0 {
+            return self.ring.head(self.regions, position);
+        }
+        let offset = 4 + 2 * usize::from(position % self.ring.size);
+        // SAFETY: offset + 2 <= 4 + 2 * size, inside the range map() proved mapped; a byte
+        // array needs no alignment.
+        let entry = unsafe {
+            self.avail_host
+                .add(offset)
+                .cast::<[u8; 2]>()
+                .read_volatile()
+        };
+        Ok(u16::from_le_bytes(entry))
+    }
+
+    /// As [`SplitRing::chain`].
+    pub fn chain(&self, head: u16) -> DescriptorWalk<'r> {
+        let mut walk = self.ring.chain(self.regions, head);
+        // The whole queue table (table_len == size entries) is mapped here, or null.
+        walk.table_host = self.desc_host;
+        walk
+    }
+}
+
 /// The descriptors of one chain, in order; see the module doc for the rules.
 #[derive(Debug)]
 pub struct DescriptorWalk<'r> {
@@ -183,6 +263,9 @@ pub struct DescriptorWalk<'r> {
     head: u16,
     /// The table being walked (the queue's or an indirect one) and its length in descriptors.
     table: u64,
+    /// Host address of the whole table (all table_len entries) when it lies in one region;
+    /// null: each descriptor is translated on its own.
+    table_host: *const u8,
     table_len: u16,
     next_index: u16,
     /// Descriptors this table may still yield: the bound that ends loops.
@@ -272,6 +355,11 @@ impl<'r> DescriptorWalk<'r> {
             .filter(|&n| n > 0 && u64::from(desc.len) % DESCRIPTOR_SIZE == 0)
             .ok_or(ChainError::BadIndirectLength { len: desc.len })?;
         self.table = desc.addr;
+        // One lookup for the whole table (desc.len = 16 * table_len bytes).
+        self.table_host = self
+            .regions
+            .host(desc.addr, u64::from(desc.len))
+            .unwrap_or(std::ptr::null_mut());
         self.table_len = table_len;
         self.next_index = 0;
         self.ttl = table_len;
@@ -282,6 +370,13 @@ impl<'r> DescriptorWalk<'r> {
     /// Descriptor `index` of the current table (index < table_len, checked by the caller).
     #[inline(always)]
     fn read(&self, index: u16) -> Result<Descriptor, ChainError> {
+        if !self.table_host.is_null() {
+            let offset = usize::from(index) * DESCRIPTOR_SIZE as usize;
+            // SAFETY: index < table_len, and table_host maps all table_len descriptors of
+            // the table in a mapping the snapshot keeps alive (see the field).
+            let v = unsafe { read_volatile_le128(self.table_host.add(offset)) };
+            return Ok(Descriptor::from_le_u128(v));
+        }
         // index * 16 < 2^20: no overflow; the addition is checked.
         let addr = self
             .table

@@ -50,10 +50,21 @@ fn walk_all(walk: &mut DescriptorWalk<'_>) -> (Vec<Descriptor>, Result<(), Chain
     panic!("the walk did not end");
 }
 
+/// Walks the chain at `head` both ways (each descriptor translated on its own, and through
+/// the ring mapped once as the server does), asserts they agree, returns the outcome.
+fn walk_both(
+    ring: SplitRing,
+    regions: &GuestRegions,
+    head: u16,
+) -> (Vec<Descriptor>, Result<(), ChainError>) {
+    let unmapped = walk_all(&mut ring.chain(regions, head));
+    let mapped = walk_all(&mut ring.map(regions).chain(head));
+    assert_eq!(unmapped, mapped, "mapped and unmapped walks disagree");
+    unmapped
+}
+
 fn walk(mem: &Mem, head: u16) -> (Vec<Descriptor>, Result<(), ChainError>) {
-    let regions = snapshot(mem);
-    let (seen, end) = walk_all(&mut ring().chain(&regions, head));
-    (seen, end)
+    walk_both(ring(), &snapshot(mem), head)
 }
 
 #[test]
@@ -142,7 +153,7 @@ fn a_descriptor_table_outside_guest_memory_is_an_error() {
             desc_table: table,
             ..ring()
         };
-        let (seen, end) = walk_all(&mut ring.chain(&regions, 0));
+        let (seen, end) = walk_both(ring, &regions, 0);
         assert!(seen.is_empty());
         assert!(
             matches!(end, Err(ChainError::DescriptorNotInMemory { .. })),
@@ -155,7 +166,7 @@ fn a_descriptor_table_outside_guest_memory_is_an_error() {
         ..ring()
     };
     desc(&mem, MEM_END - 16, 0, HDR, 16, NEXT, 1);
-    let (seen, end) = walk_all(&mut ring.chain(&regions, 0));
+    let (seen, end) = walk_both(ring, &regions, 0);
     assert_eq!(seen.len(), 1);
     assert_eq!(
         end,
@@ -173,7 +184,7 @@ fn a_descriptor_straddling_two_adjacent_regions_is_read_whole() {
         desc_table: table,
         ..ring()
     };
-    let (seen, end) = walk_all(&mut ring.chain(&regions, 0));
+    let (seen, end) = walk_both(ring, &regions, 0);
     assert_eq!(end, Ok(()));
     assert_eq!((seen[0].addr, seen[0].len), (HDR, 16));
 }
@@ -305,7 +316,7 @@ fn a_chain_of_4_gib_is_an_error() {
 fn a_failed_walk_stays_failed() {
     let mem = guest();
     let regions = snapshot(&mem);
-    let mut walk = ring().chain(&regions, SIZE);
+    let mut walk = ring().map(&regions).chain(SIZE);
     let first = walk.next_descriptor();
     assert!(first.is_err());
     assert_eq!(walk.next_descriptor(), first);
@@ -320,9 +331,14 @@ fn the_avail_index_and_entries_are_read_through_the_snapshot() {
     mem.write_obj(5u16.to_le(), GuestAddress(AVAIL + 4 + 2 * 3))
         .unwrap();
     let regions = snapshot(&mem);
+    let mapped = ring().map(&regions);
     assert_eq!(ring().avail_idx(&regions), Ok(7));
+    assert_eq!(mapped.avail_idx(), Ok(7));
     // Positions wrap at the queue size.
-    assert_eq!(ring().head(&regions, 3), Ok(5));
+    for position in [0, 3, 3 + SIZE, 7, u16::MAX] {
+        assert_eq!(mapped.head(position), ring().head(&regions, position));
+    }
+    assert_eq!(mapped.head(3), Ok(5));
     assert_eq!(ring().head(&regions, 3 + SIZE), Ok(5));
     assert_eq!(ring().head(&regions, u16::MAX), ring().head(&regions, 7));
 }
@@ -347,6 +363,9 @@ fn an_avail_ring_outside_guest_memory_or_misaligned_is_an_error() {
             ring.head(&regions, 0),
             Err(RingError::AvailNotInMemory { .. })
         ));
+        let mapped = ring.map(&regions);
+        assert_eq!(mapped.avail_idx(), ring.avail_idx(&regions));
+        assert_eq!(mapped.head(0), ring.head(&regions, 0));
     }
     let odd = SplitRing {
         avail_ring: AVAIL + 1,
@@ -356,8 +375,10 @@ fn an_avail_ring_outside_guest_memory_or_misaligned_is_an_error() {
         odd.avail_idx(&regions),
         Err(RingError::AvailIndexMisaligned { addr: AVAIL + 3 })
     );
+    assert_eq!(odd.map(&regions).avail_idx(), odd.avail_idx(&regions));
     let empty = SplitRing { size: 0, ..ring() };
     assert_eq!(empty.head(&regions, 0), Err(RingError::EmptyQueue));
+    assert_eq!(empty.map(&regions).head(0), Err(RingError::EmptyQueue));
 }
 
 #[test]
@@ -379,7 +400,7 @@ fn an_unaligned_table_is_read_correctly() {
             desc_table: table,
             ..ring()
         };
-        let (seen, end) = walk_all(&mut ring.chain(&regions, 0));
+        let (seen, end) = walk_both(ring, &regions, 0);
         assert_eq!(end, Ok(()));
         assert_eq!(
             seen[0],
@@ -392,4 +413,39 @@ fn an_unaligned_table_is_read_correctly() {
         );
         assert_eq!((seen[1].addr, seen[1].len), (HDR, 16));
     }
+}
+
+#[test]
+fn an_indirect_table_across_two_regions_is_read_descriptor_by_descriptor() {
+    let mem = guest();
+    let table = REGION_SPLIT - 16;
+    desc(&mem, TABLE, 0, table, 32, VRING_DESC_F_INDIRECT, 0);
+    desc(&mem, table, 0, HDR, 16, NEXT, 1);
+    desc(&mem, table, 1, STATUS, 1, VRING_DESC_F_WRITE, 0);
+    let (seen, end) = walk(&mem, 0);
+    assert_eq!(end, Ok(()));
+    let addrs: Vec<_> = seen.iter().map(|d| d.addr).collect();
+    assert_eq!(addrs, vec![HDR, STATUS]);
+}
+
+#[test]
+fn a_queue_table_only_partly_in_memory_fails_only_past_the_end() {
+    let mem = guest();
+    let regions = snapshot(&mem);
+    // Entries 0 and 1 in memory, the rest of the 8-entry table past its end.
+    let table = MEM_END - 32;
+    desc(&mem, table, 0, HDR, 16, NEXT, 1);
+    desc(&mem, table, 1, STATUS, 1, VRING_DESC_F_WRITE, 0);
+    let ring = SplitRing {
+        desc_table: table,
+        ..ring()
+    };
+    let (seen, end) = walk_both(ring, &regions, 0);
+    assert_eq!((seen.len(), end), (2, Ok(())));
+    desc(&mem, table, 1, STATUS, 1, VRING_DESC_F_WRITE | NEXT, 2);
+    let (_, end) = walk_both(ring, &regions, 0);
+    assert_eq!(
+        end,
+        Err(ChainError::DescriptorNotInMemory { addr: MEM_END })
+    );
 }

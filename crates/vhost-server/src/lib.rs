@@ -343,17 +343,19 @@ impl IoThread {
         let Some(ring) = split_ring(v.get_queue()) else {
             return;
         };
+        // Translated once for the whole drain, not per request.
+        let ring = ring.map(regions);
         loop {
             if let Err(e) = v.disable_notification() {
                 log::warn!("queue {queue}: cannot disable notifications: {e}");
             }
             loop {
                 let mut next_avail = v.get_queue().next_avail();
-                let avail_idx = match ring.avail_idx(regions) {
+                let avail_idx = match ring.avail_idx() {
                     Ok(idx) if idx == next_avail => break,
                     // More than a queue ahead: the guest claims chains that cannot exist, and
                     // the queue would look "available" forever.
-                    Ok(idx) if idx.wrapping_sub(next_avail) > ring.size => {
+                    Ok(idx) if idx.wrapping_sub(next_avail) > ring.size() => {
                         self.broken |= 1 << local;
                         log::error!(
                             "queue {queue}: the guest's avail index {idx} is more than a queue \
@@ -373,7 +375,7 @@ impl IoThread {
                         self.throttled |= 1 << local;
                         return;
                     }
-                    let head = match ring.head(regions, next_avail) {
+                    let head = match ring.head(next_avail) {
                         Ok(head) => head,
                         Err(e) => {
                             self.broken |= 1 << local;
@@ -386,7 +388,7 @@ impl IoThread {
                     let Some(mut req) = self.engine.take_request() else {
                         unreachable!("can_accept checked above");
                     };
-                    let mut walk = ring.chain(regions, head);
+                    let mut walk = ring.chain(head);
                     match blk_proto::parse_walk(&mut walk, &inner.device, &mut req) {
                         Ok(()) => self.engine.enqueue(req, queue, head),
                         Err(e) => match e.status() {

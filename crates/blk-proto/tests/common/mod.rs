@@ -156,8 +156,10 @@ pub fn parse_walked(
         avail_ring: queue.avail_addr().0,
         size: queue_size,
     };
-    let head = ring.head(&regions, 0).expect("avail ring in memory");
-    parse_walk(&mut ring.chain(&regions, head), cfg, out)
+    // The server's path: the ring mapped once.
+    let ring = ring.map(&regions);
+    let head = ring.head(0).expect("avail ring in memory");
+    parse_walk(&mut ring.chain(head), cfg, out)
 }
 
 pub fn assert_same_request(a: &Request, b: &Request) {
