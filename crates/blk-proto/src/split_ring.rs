@@ -1,7 +1,10 @@
 //! A split virtqueue read straight through a [`GuestRegions`] snapshot: the avail index, the
-//! avail ring entries and the descriptors (direct and indirect), each with one translation and
-//! one volatile read. Every loop has a hard bound, every address is checked; it follows
-//! virtio-queue's `DescriptorChain` rules exactly, so a chain means the same on either path:
+//! avail ring entries and the descriptors (direct and indirect), each a volatile read at a
+//! bounds-checked address; [`SplitRing::map`] translates the queue's tables once per drain,
+//! an indirect table is translated once when entered. Every loop has a hard bound. It follows
+//! virtio-queue's `DescriptorChain` rules, so a chain parses the same on either path (the
+//! blk-proto tests check both on every chain they build); where virtio-queue ends a walk
+//! silently, this one says why ([`ChainError`]):
 //!
 //! - a direct chain has at most `queue size` descriptors, an indirect table at most its length
 //!   (a longer chain is a loop);

@@ -84,8 +84,9 @@ struct IoThread {
     pinned: Vec<GuestRegions>,
     /// Local queues left with chains because the request pool was full.
     throttled: u64,
-    /// Local queues whose avail index the guest broke (it claims chains virtio-queue refuses
-    /// to hand out): not drained again until the queue is stopped, lest the thread spin.
+    /// Local queues whose avail ring the guest broke (an index more than a queue ahead, or a
+    /// ring outside guest memory): not drained again until the queue is stopped, lest the
+    /// thread spin.
     broken: u64,
     malformed_logged: u64,
     /// The current busy-poll window: doubles while polling finds work, halves while it does
