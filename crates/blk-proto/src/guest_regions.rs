@@ -32,16 +32,18 @@ impl HostRegion {
 /// Up to this many regions, host() scans them in order rather than binary-searching.
 const LINEAR_SCAN_MAX: usize = 4;
 
-/// Guest memory, as host pointers. Sorted by guest address, non-overlapping (as vm-memory
-/// guarantees for the memory it is built from).
+/// Guest memory, as host pointers. Sorted by guest address (sorted here), non-overlapping (as
+/// vm-memory guarantees for the memory it is built from; were it not, a lookup could fail but
+/// never leave the region it checked).
 pub struct GuestRegions {
     regions: Vec<HostRegion>,
     /// Keeps the mappings alive for as long as the pointers above may be used.
     owner: Option<Arc<dyn Any + Send + Sync>>,
 }
 
-// SAFETY: the pointers address shared mappings of guest memory that `owner` keeps mapped for
-// the snapshot's whole life; the snapshot itself never writes through them, and every access
+// SAFETY: the pointers address shared mappings of guest memory that `owner` (or, for the
+// crate-internal `borrowed` snapshot, its caller) keeps mapped for the snapshot's whole life;
+// the snapshot itself never writes through them, and every access
 // through them is volatile (the guest may change the bytes at any time anyway), so handing the
 // snapshot to or sharing it with another thread adds no data race Rust could reason about.
 unsafe impl Send for GuestRegions {}
@@ -162,7 +164,8 @@ impl GuestRegions {
 }
 
 fn collect_regions<M: GuestMemoryBackend + ?Sized>(mem: &M) -> Vec<HostRegion> {
-    mem.iter()
+    let mut regions: Vec<HostRegion> = mem
+        .iter()
         .filter_map(|r| {
             // Regions without a host mapping (none in GuestMemoryMmap) cannot be translated:
             // leaving them out makes their addresses "not guest memory", which is safe.
@@ -173,7 +176,9 @@ fn collect_regions<M: GuestMemoryBackend + ?Sized>(mem: &M) -> Vec<HostRegion> {
                 host,
             })
         })
-        .collect()
+        .collect();
+    regions.sort_by_key(|r| r.guest_start);
+    regions
 }
 
 /// See [`GuestRegions::pieces`].
