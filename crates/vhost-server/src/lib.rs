@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use blk_proto::{parse_config_write, DeviceConfig, GuestRegions, SplitRing, VIRTIO_BLK_ID_BYTES};
+use blk_proto::{parse_config_write, DeviceConfig, VIRTIO_BLK_ID_BYTES};
 use engine::{Backend, Engine, EngineConfig, MergeLimits, QueueStats};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex, VringT};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -81,7 +81,7 @@ struct IoThread {
     /// Snapshots of the mappings that in-flight requests point into (each keeps its mapping
     /// alive): the current one last, plus older ones until nothing in flight can still use
     /// them.
-    pinned: Vec<GuestRegions>,
+    pinned: Vec<blk_proto::GuestRegions>,
     /// Local queues left with chains because the request pool was full.
     throttled: u64,
     /// Local queues whose avail ring the guest broke (an index more than a queue ahead, or a
@@ -302,20 +302,18 @@ impl BlkBackend {
 }
 
 impl IoThread {
-    /// Makes the current guest memory's region snapshot the last entry of `pinned` (built
-    /// once per memory table), pinned for the requests about to be parsed. False if there is
-    /// no memory table yet.
-    fn current_memory(&mut self) -> bool {
-        let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
-            return false;
-        };
+    /// The current guest memory, pinned for the requests about to be parsed.
+    fn current_memory(&mut self) -> Option<Arc<Mem>> {
+        let mem = self.mem.as_ref()?.memory().into_inner();
         if self.engine.in_flight() == 0 {
             self.pinned.retain(|p| p.is_snapshot_of(&mem));
         }
+        // Each pin is a region snapshot (it keeps its mapping alive), built once per memory
+        // table; the last one is what drain translates guest addresses through.
         if !self.pinned.last().is_some_and(|p| p.is_snapshot_of(&mem)) {
-            self.pinned.push(GuestRegions::new(mem));
+            self.pinned.push(blk_proto::GuestRegions::new(mem.clone()));
         }
-        true
+        Some(mem)
     }
 
     /// Pops every available chain of one queue, with notifications off while draining and a
@@ -329,7 +327,7 @@ impl IoThread {
     /// next_avail is kept current after every pop, so notification suppression (EVENT_IDX
     /// included) works as if virtio-queue had popped them.
     fn drain(&mut self, inner: &Inner, vring: &Vring, local: usize, queue: u16, rearm: bool) {
-        if !self.current_memory() {
+        if self.current_memory().is_none() {
             log::warn!("queue {queue} kicked before the memory table was set");
             return;
         }
@@ -561,7 +559,10 @@ impl IoThread {
 }
 
 /// The guest's avail index differs from the next chain this queue would pop.
-fn avail_pending(v: &vhost_user_backend::VringState<GuestMem>, regions: &GuestRegions) -> bool {
+fn avail_pending(
+    v: &vhost_user_backend::VringState<GuestMem>,
+    regions: &blk_proto::GuestRegions,
+) -> bool {
     let q = v.get_queue();
     split_ring(q).is_some_and(|ring| {
         ring.avail_idx(regions)
@@ -571,8 +572,8 @@ fn avail_pending(v: &vhost_user_backend::VringState<GuestMem>, regions: &GuestRe
 
 /// Where the walker finds the queue's rings; None while the queue cannot be popped (not
 /// started, or no rings yet).
-fn split_ring(q: &Queue) -> Option<SplitRing> {
-    (q.ready() && q.avail_ring() != 0 && q.size() != 0).then(|| SplitRing {
+fn split_ring(q: &virtio_queue::Queue) -> Option<blk_proto::SplitRing> {
+    (q.ready() && q.avail_ring() != 0 && q.size() != 0).then(|| blk_proto::SplitRing {
         desc_table: q.desc_table(),
         avail_ring: q.avail_ring(),
         size: q.size(),
