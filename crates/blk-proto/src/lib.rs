@@ -1,7 +1,9 @@
 //! virtio-blk protocol for uringblk: wire constants ([`wire`]), the device configuration we
 //! offer ([`DeviceConfig`]: feature bits, config space, limits) and the parser that turns a
 //! descriptor chain into a validated [`Request`] ([`parse`]). It does no I/O and owns no
-//! threads: executing a request is the engine's job.
+//! threads: executing a request is the engine's job. For the server's hot path it also reads
+//! the split virtqueue itself ([`split_ring`]) through a snapshot of the guest's memory regions
+//! ([`GuestRegions`]), and [`parse_walk`] parses what that walk yields by the same rules.
 //!
 //! # Rules the parser enforces
 //!
@@ -42,9 +44,13 @@
 //! - `parse` never grows the request's Vecs: what does not fit is an error, not an allocation.
 
 pub mod config;
+pub mod guest_regions;
 pub mod request;
+pub mod split_ring;
 pub mod wire;
 
 pub use config::{parse_config_write, ConfigError, DeviceConfig};
-pub use request::{parse, ParseError, Range, Request, RequestKind};
+pub use guest_regions::GuestRegions;
+pub use request::{parse, parse_walk, ParseError, Range, Request, RequestKind};
+pub use split_ring::{ChainError, DescriptorWalk, MappedRing, RingError, SplitRing};
 pub use wire::*;

@@ -2,11 +2,12 @@
 
 use std::ops::Deref;
 
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
+use vm_memory::GuestMemory;
 
 use crate::config::DeviceConfig;
+use crate::guest_regions::{read_volatile_le128, GuestRegions};
+use crate::split_ring::{Descriptor, DescriptorWalk};
 use crate::wire::{
     RawRange, RequestHeader, RAW_RANGE_SIZE, REQUEST_HEADER_SIZE, SECTOR_SHIFT, SECTOR_SIZE,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_BARRIER,
@@ -183,6 +184,10 @@ impl ParseError {
 /// `out` never grows: allocate it with [`Request::for_config`] (or with_capacity(seg_max + 2,
 /// max(max_discard_seg, max_write_zeroes_seg))); segments beyond its capacity are reported as
 /// TooManySegments / TooManyRanges.
+///
+/// This is the path for virtio-queue's chains (and the reference for [`parse_walk`]); it
+/// snapshots the chain's memory regions on every call. Memory behind an IOMMU (no plain
+/// physical memory) has no snapshot: every descriptor is then outside guest memory.
 pub fn parse<M>(
     mut chain: DescriptorChain<M>,
     cfg: &DeviceConfig,
@@ -192,24 +197,56 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
+    let regions = match chain.memory().physical_memory() {
+        // SAFETY: `chain` owns (or borrows) the memory for the whole call, and neither the
+        // snapshot nor a pointer from it outlives the call... except the pointers in `out`,
+        // which the caller may only use while it keeps that memory alive, as before.
+        Some(physical) => unsafe { GuestRegions::borrowed(physical) },
+        None => GuestRegions::empty(),
+    };
+    // virtio-queue's iterator ends silently on a bad indirect table, an out-of-table next
+    // index, a loop (more descriptors than the table holds) or a chain over 4 GiB; the
+    // core's "last descriptor announced a successor" test catches each of them.
+    parse_descriptors(&regions, cfg, out, || {
+        Ok(chain.next().map(Descriptor::from))
+    })
+}
+
+/// [`parse`] over a chain walked straight from the split ring (the server's path): the same
+/// rules, the same results, without virtio-queue's per-descriptor costs. A malformed chain is
+/// `DescriptorChain`; `walk.error()` then says why.
+pub fn parse_walk(
+    walk: &mut DescriptorWalk<'_>,
+    cfg: &DeviceConfig,
+    out: &mut Request,
+) -> Result<(), ParseError> {
+    let regions = walk.regions();
+    parse_descriptors(regions, cfg, out, || {
+        walk.next_descriptor()
+            .map_err(|_| ParseError::DescriptorChain)
+    })
+}
+
+/// The parser proper: feeds the chain's descriptors, in order, through the rules.
+fn parse_descriptors(
+    regions: &GuestRegions,
+    cfg: &DeviceConfig,
+    out: &mut Request,
+    mut next: impl FnMut() -> Result<Option<Descriptor>, ParseError>,
+) -> Result<(), ParseError> {
     out.clear();
     let mut state = ParseState::new(cfg, out);
     let mut last_had_next = false;
     let mut yielded_any = false;
-    // `chain.memory()` is borrowed anew for each descriptor, so the iterator can advance
-    // in between without cloning `M`.
-    while let Some(desc) = chain.next() {
+    while let Some(desc) = next()? {
         yielded_any = true;
         last_had_next = desc.has_next();
-        state.descriptor(chain.memory(), desc, out)?;
+        state.descriptor(regions, desc, out)?;
     }
-    // virtio-queue's iterator ends silently on a bad indirect table, an out-of-table next
-    // index, a loop (more descriptors than the table holds) or a chain over 4 GiB; in each
-    // case the last descriptor it yielded still announced a successor.
     if !yielded_any || last_had_next {
         return Err(ParseError::DescriptorChain);
     }
-    state.finish(chain.memory(), out)
+    state.finish(regions, out)
 }
 
 /// Where the header type puts each byte of the payload.
@@ -226,9 +263,10 @@ struct ParseState<'c> {
     header_filled: usize,
     decoded: Option<Decoded>,
     seen_writable: bool,
-    /// The latest non-empty writable descriptor: its last byte is the status, unless a later
-    /// writable descriptor arrives, which makes it all data.
-    pending_writable: Option<(GuestAddress, u32)>,
+    /// The latest non-empty writable descriptor (guest address, length, host address or null
+    /// if it spans regions): its last byte is the status, unless a later writable descriptor
+    /// arrives, which makes it all data.
+    pending_writable: Option<(u64, u32, *mut u8)>,
     max_iovecs: usize,
     segments_overflow: bool,
     /// GET_ID bytes still wanted: only the first 20 writable bytes are kept as iovecs.
@@ -240,26 +278,9 @@ struct ParseState<'c> {
     range_count: u64,
     max_ranges: u32,
     range_error: Option<ParseError>,
-    /// Host mappings of the last two descriptors (guest start, guest end, host start): one
-    /// region lookup per descriptor serves the header, the data and the status byte.
-    translated: [(u64, u64, *mut u8); 2],
 }
 
 impl<'c> ParseState<'c> {
-    /// The host address of [addr, addr+len) when it lies inside a recently translated
-    /// descriptor.
-    fn host(&self, addr: GuestAddress, len: u32) -> Option<*mut u8> {
-        let (a, end) = (
-            addr.raw_value(),
-            addr.raw_value().checked_add(u64::from(len))?,
-        );
-        self.translated
-            .iter()
-            .find(|&&(start, stop, host)| !host.is_null() && start <= a && end <= stop)
-            // SAFETY: a - start < stop - start, the length of the mapped slice at `host`.
-            .map(|&(start, _, host)| unsafe { host.add((a - start) as usize) })
-    }
-
     fn new(cfg: &'c DeviceConfig, out: &Request) -> Self {
         let max_iovecs = (cfg.seg_max as usize)
             .saturating_add(2)
@@ -281,87 +302,66 @@ impl<'c> ParseState<'c> {
             range_count: 0,
             max_ranges: 0,
             range_error: None,
-            translated: [(0, 0, std::ptr::null_mut()); 2],
         }
     }
 
-    fn descriptor<T>(
+    fn descriptor(
         &mut self,
-        mem: &T,
+        regions: &GuestRegions,
         desc: Descriptor,
         out: &mut Request,
-    ) -> Result<(), ParseError>
-    where
-        T: GuestMemory + ?Sized,
-    {
-        let (addr, len) = (desc.addr(), desc.len());
+    ) -> Result<(), ParseError> {
+        let (addr, len) = (desc.addr, desc.len);
         if len == 0 {
             return Ok(());
         }
-        let writable = desc.is_write_only();
-        let access = if writable {
-            Permissions::Write
-        } else {
-            Permissions::Read
-        };
-        // Common case: the descriptor lies inside one region, and one lookup maps it.
-        // (Only plain memory: behind an IOMMU, access rights need the full check.)
-        let host = match mem
-            .physical_memory()
-            .map(|m| m.get_slice(addr, len as usize))
-        {
-            Some(Ok(slice)) => slice.ptr_guard_mut().as_ptr(),
-            _ => std::ptr::null_mut(),
-        };
-        if host.is_null() && !mem.check_range(addr, len as usize, access) {
-            return Err(ParseError::AddressNotInGuestMemory {
-                addr: addr.raw_value(),
-                len,
-            });
+        // Common case: the descriptor lies inside one region, and this one lookup maps it
+        // for the header, the data and the status byte. Null: it spans regions (slow path).
+        let host = regions
+            .host(addr, u64::from(len))
+            .unwrap_or(std::ptr::null_mut());
+        if host.is_null() && !regions.contains(addr, u64::from(len)) {
+            return Err(not_in_memory(addr, len));
         }
-        self.translated[1] = self.translated[0];
-        self.translated[0] = (addr.raw_value(), addr.raw_value() + u64::from(len), host);
-        if writable {
-            self.writable(mem, addr, len, out)
+        if desc.is_write_only() {
+            self.writable(regions, addr, len, host, out)
         } else {
-            self.readable(mem, addr, len, out)
+            self.readable(regions, addr, len, host, out)
         }
     }
 
-    fn readable<T>(
+    /// A device-readable descriptor; `host` maps all of it, or is null if it spans regions.
+    fn readable(
         &mut self,
-        mem: &T,
-        addr: GuestAddress,
+        regions: &GuestRegions,
+        addr: u64,
         len: u32,
+        host: *mut u8,
         out: &mut Request,
-    ) -> Result<(), ParseError>
-    where
-        T: GuestMemory + ?Sized,
-    {
+    ) -> Result<(), ParseError> {
         if self.seen_writable {
             return Err(ParseError::ReadableAfterWritable);
         }
         let mut offset = 0u32;
         if self.header_filled < REQUEST_HEADER_SIZE {
             let take = (REQUEST_HEADER_SIZE - self.header_filled).min(len as usize);
-            match self.host(addr, take as u32) {
+            match host {
                 // The usual case, the whole header in one descriptor: one 16-byte read.
-                Some(src) if take == REQUEST_HEADER_SIZE => {
-                    // SAFETY: [src, src+16) lies in the mapped descriptor (see host()), and a
-                    // byte array needs no alignment.
-                    self.header =
-                        unsafe { src.cast::<[u8; REQUEST_HEADER_SIZE]>().read_volatile() };
+                src if !src.is_null() && take == REQUEST_HEADER_SIZE => {
+                    // SAFETY: take <= len, so [src, src+16) lies in the mapped descriptor.
+                    self.header = unsafe { read_volatile_le128(src) }.to_le_bytes();
                 }
-                Some(src) => {
+                src if !src.is_null() => {
                     for i in 0..take {
-                        // SAFETY: [src, src+take) lies in the mapped descriptor (see host()).
+                        // SAFETY: take <= len: [src, src+take) lies in the mapped descriptor.
                         self.header[self.header_filled + i] = unsafe { src.add(i).read_volatile() };
                     }
                 }
-                None => {
+                _ => {
                     let dst = &mut self.header[self.header_filled..self.header_filled + take];
-                    mem.read_slice(dst, addr)
-                        .map_err(|_| not_in_memory(addr, len))?;
+                    if !regions.read(addr, dst) {
+                        return Err(not_in_memory(addr, len));
+                    }
                 }
             }
             self.header_filled += take;
@@ -373,63 +373,66 @@ impl<'c> ParseState<'c> {
         if offset == len {
             return Ok(());
         }
-        // `offset < len`, and check_range() proved the whole descriptor is in memory.
-        let rest_addr = addr.unchecked_add(u64::from(offset));
+        // `offset < len`, and the whole descriptor is in memory: no overflow.
+        let rest_addr = addr + u64::from(offset);
         let rest_len = len - offset;
         match self.decoded {
             Some(Decoded::Kind(RequestKind::Write)) => {
-                self.push_data(mem, rest_addr, rest_len, Permissions::Read, out)
+                let rest_host = if host.is_null() {
+                    host
+                } else {
+                    // SAFETY: offset < len: still inside the mapped descriptor.
+                    unsafe { host.add(offset as usize) }
+                };
+                self.push_data(regions, rest_addr, rest_len, rest_host, out)
             }
             Some(Decoded::Kind(RequestKind::Discard | RequestKind::WriteZeroes)) => {
-                self.range_payload(mem, rest_addr, rest_len, out)
+                self.range_payload(regions, rest_addr, rest_len, out)
             }
             // Readable payload means nothing to the other types.
             _ => Ok(()),
         }
     }
 
-    fn writable<T>(
+    /// A device-writable descriptor; `host` as for readable().
+    fn writable(
         &mut self,
-        mem: &T,
-        addr: GuestAddress,
+        regions: &GuestRegions,
+        addr: u64,
         len: u32,
+        host: *mut u8,
         out: &mut Request,
-    ) -> Result<(), ParseError>
-    where
-        T: GuestMemory + ?Sized,
-    {
+    ) -> Result<(), ParseError> {
         if self.header_filled < REQUEST_HEADER_SIZE {
             return Err(ParseError::HeaderTooShort(self.header_filled as u32));
         }
         self.seen_writable = true;
         out.used_len = out.used_len.saturating_add(len);
-        if let Some((prev_addr, prev_len)) = self.pending_writable.replace((addr, len)) {
-            self.writable_data(mem, prev_addr, prev_len, out)?;
+        if let Some((prev_addr, prev_len, prev_host)) =
+            self.pending_writable.replace((addr, len, host))
+        {
+            self.writable_data(regions, prev_addr, prev_len, prev_host, out)?;
         }
         Ok(())
     }
 
-    fn writable_data<T>(
+    fn writable_data(
         &mut self,
-        mem: &T,
-        addr: GuestAddress,
+        regions: &GuestRegions,
+        addr: u64,
         len: u32,
+        host: *mut u8,
         out: &mut Request,
-    ) -> Result<(), ParseError>
-    where
-        T: GuestMemory + ?Sized,
-    {
+    ) -> Result<(), ParseError> {
         match self.decoded {
-            Some(Decoded::Kind(RequestKind::Read)) => {
-                self.push_data(mem, addr, len, Permissions::Write, out)
-            }
+            Some(Decoded::Kind(RequestKind::Read)) => self.push_data(regions, addr, len, host, out),
             Some(Decoded::Kind(RequestKind::GetId)) => {
                 let take = len.min(self.id_bytes_left);
                 self.id_bytes_left -= take;
                 if take == 0 {
                     return Ok(());
                 }
-                self.push_data(mem, addr, take, Permissions::Write, out)
+                self.push_data(regions, addr, take, host, out)
             }
             // Writable bytes before the status mean nothing to the other types.
             _ => Ok(()),
@@ -465,18 +468,15 @@ impl<'c> ParseState<'c> {
     }
 
     /// Appends the host view of guest range [addr, addr+len) to `out.iovecs`, one iovec per
-    /// memory region it touches.
-    fn push_data<T>(
+    /// memory region it touches. `host` maps the whole range, or is null if it spans regions.
+    fn push_data(
         &mut self,
-        mem: &T,
-        addr: GuestAddress,
+        regions: &GuestRegions,
+        addr: u64,
         len: u32,
-        access: Permissions,
+        host: *mut u8,
         out: &mut Request,
-    ) -> Result<(), ParseError>
-    where
-        T: GuestMemory + ?Sized,
-    {
+    ) -> Result<(), ParseError> {
         out.data_len = out.data_len.saturating_add(len);
         if self.segments_overflow {
             return Ok(());
@@ -484,32 +484,26 @@ impl<'c> ParseState<'c> {
         if len == 0 {
             return Ok(());
         }
-        if let Some(base) = self.host(addr, len) {
+        if !host.is_null() {
             if out.iovecs.len() >= self.max_iovecs {
                 self.segments_overflow = true;
                 return Ok(());
             }
             out.iovecs.push(libc::iovec {
-                iov_base: base.cast(),
+                iov_base: host.cast(),
                 iov_len: len as usize,
             });
             return Ok(());
         }
-        let slices = mem
-            .get_slices(addr, len as usize, access)
-            .map_err(|_| not_in_memory(addr, len))?;
-        for slice in slices {
-            let slice = slice.map_err(|_| not_in_memory(addr, len))?;
+        for piece in regions.pieces(addr, u64::from(len)) {
+            let (base, piece_len) = piece.ok_or_else(|| not_in_memory(addr, len))?;
             if out.iovecs.len() >= self.max_iovecs {
                 self.segments_overflow = true;
                 return Ok(());
             }
-            // The pointer stays valid after the guard drops: GuestMemoryMmap regions stay
-            // mapped for the life of the memory object (only Xen mappings are per-guard).
-            let base = slice.ptr_guard_mut().as_ptr();
             out.iovecs.push(libc::iovec {
                 iov_base: base.cast(),
-                iov_len: slice.len(),
+                iov_len: piece_len,
             });
         }
         Ok(())
@@ -517,24 +511,23 @@ impl<'c> ParseState<'c> {
 
     /// Feeds discard / write-zeroes payload bytes: whole 16-byte segments are decoded and
     /// validated as they complete; bytes past the allowed segment count are only counted.
-    fn range_payload<T>(
+    fn range_payload(
         &mut self,
-        mem: &T,
-        addr: GuestAddress,
+        regions: &GuestRegions,
+        addr: u64,
         len: u32,
         out: &mut Request,
-    ) -> Result<(), ParseError>
-    where
-        T: GuestMemory + ?Sized,
-    {
+    ) -> Result<(), ParseError> {
         let wanted_bytes = u64::from(self.max_ranges) * RAW_RANGE_SIZE as u64;
         let mut offset = 0u64;
         let len = u64::from(len);
         while offset < len && self.payload_len < wanted_bytes {
             let take = ((RAW_RANGE_SIZE - self.range_filled) as u64).min(len - offset) as usize;
             let dst = &mut self.range_buf[self.range_filled..self.range_filled + take];
-            mem.read_slice(dst, addr.unchecked_add(offset))
-                .map_err(|_| not_in_memory(addr, len as u32))?;
+            // addr + offset stays inside the descriptor, which is inside guest memory.
+            if !regions.read(addr + offset, dst) {
+                return Err(not_in_memory(addr, len as u32));
+            }
             self.range_filled += take;
             self.payload_len += take as u64;
             offset += take as u64;
@@ -564,22 +557,23 @@ impl<'c> ParseState<'c> {
         }
     }
 
-    fn finish<T>(mut self, mem: &T, out: &mut Request) -> Result<(), ParseError>
-    where
-        T: GuestMemory + ?Sized,
-    {
+    fn finish(&mut self, regions: &GuestRegions, out: &mut Request) -> Result<(), ParseError> {
         if self.header_filled < REQUEST_HEADER_SIZE {
             return Err(ParseError::HeaderTooShort(self.header_filled as u32));
         }
-        let Some((addr, len)) = self.pending_writable else {
+        let Some((addr, len, host)) = self.pending_writable else {
             return Err(ParseError::NoWritableDescriptor);
         };
-        // len >= 1: empty descriptors never become pending.
-        let status_addr = addr.unchecked_add(u64::from(len - 1));
-        self.writable_data(mem, addr, len - 1, out)?;
-        out.status = match self.host(status_addr, 1) {
-            Some(p) => p,
-            None => status_pointer(mem, status_addr)?,
+        // len >= 1: empty descriptors never become pending; inside memory: no overflow.
+        let status_addr = addr + u64::from(len - 1);
+        self.writable_data(regions, addr, len - 1, host, out)?;
+        out.status = if host.is_null() {
+            regions
+                .host(status_addr, 1)
+                .ok_or_else(|| not_in_memory(status_addr, 1))?
+        } else {
+            // SAFETY: len >= 1 bytes are mapped at host: the last one is too.
+            unsafe { host.add(len as usize - 1) }
         };
         self.validate(out)
     }
@@ -707,22 +701,6 @@ fn check_in_capacity(sector: u64, num_sectors: u64, cfg: &DeviceConfig) -> Resul
     }
 }
 
-fn status_pointer<T>(mem: &T, addr: GuestAddress) -> Result<*mut u8, ParseError>
-where
-    T: GuestMemory + ?Sized,
-{
-    let slice = mem
-        .get_slices(addr, 1, Permissions::Write)
-        .ok()
-        .and_then(|mut slices| slices.next())
-        .and_then(|slice| slice.ok())
-        .ok_or_else(|| not_in_memory(addr, 1))?;
-    Ok(slice.ptr_guard_mut().as_ptr())
-}
-
-fn not_in_memory(addr: GuestAddress, len: u32) -> ParseError {
-    ParseError::AddressNotInGuestMemory {
-        addr: addr.raw_value(),
-        len,
-    }
+fn not_in_memory(addr: u64, len: u32) -> ParseError {
+    ParseError::AddressNotInGuestMemory { addr, len }
 }

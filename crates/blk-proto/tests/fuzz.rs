@@ -4,7 +4,7 @@
 
 mod common;
 
-use blk_proto::{parse, DeviceConfig, ParseError, RawRange, Request, RequestHeader, RequestKind};
+use blk_proto::{DeviceConfig, ParseError, RawRange, Request, RequestHeader, RequestKind};
 use common::*;
 use proptest::prelude::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -217,7 +217,8 @@ fn parse_and_check(
     let (iovecs_ptr, ranges_ptr) = (req.iovecs.as_ptr(), req.ranges.as_ptr());
     let queue = MockSplitQueue::new(mem, 16);
     let chain = queue.build_multiple_desc_chains(table).unwrap();
-    let result = parse(chain, cfg, &mut req);
+    // The walker's twin parse is checked against this one inside (same result, same request).
+    let result = parse_both_ways(mem, &queue, 16, chain, cfg, &mut req);
 
     // Never reallocated.
     prop_assert_eq!(req.iovecs.as_ptr(), iovecs_ptr);

@@ -304,6 +304,24 @@ fn buffers_at_odd_addresses_and_lengths_with_aligned_total() {
 }
 
 #[test]
+fn a_header_at_an_unaligned_address_is_read_whole() {
+    let mem = guest();
+    for offset in [1u64, 3, 4, 7] {
+        put_header(
+            &mem,
+            HDR + offset,
+            VIRTIO_BLK_T_IN,
+            0x0102_0304_0506_0708 & 0xfff8,
+        );
+        let mut req = request();
+        let descs = [r(HDR + offset, 16), w(DATA, 512), w(STATUS, 1)];
+        parse_descs(&mem, &config(), &descs, &mut req).unwrap();
+        assert_eq!(req.kind, RequestKind::Read);
+        assert_eq!(req.sector, 0x0102_0304_0506_0708 & 0xfff8);
+    }
+}
+
+#[test]
 fn buffer_crossing_two_memory_regions_becomes_two_iovecs() {
     let mem = guest();
     put_header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);

@@ -87,13 +87,15 @@ pub fn queue_masks(queues: usize, threads: usize) -> Vec<u64> {
 struct IoThread {
     engine: Engine,
     mem: Option<GuestMem>,
-    /// Mappings that in-flight requests point into: the current one, plus older ones until
-    /// nothing in flight can still use them.
-    pinned: Vec<Arc<Mem>>,
+    /// Snapshots of the mappings that in-flight requests point into (each keeps its mapping
+    /// alive): the current one last, plus older ones until nothing in flight can still use
+    /// them.
+    pinned: Vec<blk_proto::GuestRegions>,
     /// Local queues left with chains because the request pool was full.
     throttled: u64,
-    /// Local queues whose avail index the guest broke (it claims chains virtio-queue refuses
-    /// to hand out): not drained again until the queue is stopped, lest the thread spin.
+    /// Local queues whose avail ring the guest broke (an index more than a queue ahead, or a
+    /// ring outside guest memory): not drained again until the queue is stopped, lest the
+    /// thread spin.
     broken: u64,
     malformed_logged: u64,
     /// The current busy-poll window: doubles while polling finds work, halves while it does
@@ -431,10 +433,12 @@ impl IoThread {
     fn current_memory(&mut self) -> Option<Arc<Mem>> {
         let mem = self.mem.as_ref()?.memory().into_inner();
         if self.engine.in_flight() == 0 {
-            self.pinned.clear();
+            self.pinned.retain(|p| p.is_snapshot_of(&mem));
         }
-        if !self.pinned.last().is_some_and(|p| Arc::ptr_eq(p, &mem)) {
-            self.pinned.push(mem.clone());
+        // Each pin is a region snapshot (it keeps its mapping alive), built once per memory
+        // table; the last one is what drain translates guest addresses through.
+        if !self.pinned.last().is_some_and(|p| p.is_snapshot_of(&mem)) {
+            self.pinned.push(blk_proto::GuestRegions::new(mem.clone()));
         }
         Some(mem)
     }
@@ -446,69 +450,99 @@ impl IoThread {
     }
 
     /// Drains a queue; with `rearm` false notifications stay off (the thread is polling).
+    /// Chains are read straight from the split ring through the region snapshot; the queue's
+    /// next_avail is kept current after every pop, so notification suppression (EVENT_IDX
+    /// included) works as if virtio-queue had popped them.
     fn drain(&mut self, inner: &Inner, vring: &Vring, local: usize, queue: u16, rearm: bool) {
-        let Some(mem) = self.current_memory() else {
+        if self.current_memory().is_none() {
             log::warn!("queue {queue} kicked before the memory table was set");
             return;
-        };
+        }
         if self.broken & (1 << local) != 0 {
             return;
         }
+        let Some(regions) = self.pinned.last() else {
+            return;
+        };
         let mut v = vring.get_mut();
         self.throttled &= !(1 << local);
+        let Some(ring) = split_ring(v.get_queue()) else {
+            return;
+        };
+        // Translated once for the whole drain, not per request.
+        let ring = ring.map(regions);
         loop {
             if let Err(e) = v.disable_notification() {
                 log::warn!("queue {queue}: cannot disable notifications: {e}");
             }
             loop {
-                if !self.engine.can_accept() {
-                    self.throttled |= 1 << local;
-                    return;
-                }
-                let chain = match v.get_queue_mut().pop_descriptor_chain(&*mem) {
-                    Some(chain) => chain,
-                    // Nothing published, or an avail index virtio-queue refuses (more than a
-                    // queue ahead) that would otherwise look "available" forever: pop once
-                    // more so a chain published meanwhile is not mistaken for the latter.
-                    None if avail_pending(&v, &mem) => {
-                        match v.get_queue_mut().pop_descriptor_chain(&*mem) {
-                            Some(chain) => chain,
-                            None => {
-                                self.broken |= 1 << local;
-                                log::error!(
-                                    "queue {queue}: the guest's avail index is invalid; \
-                                     queue stopped until it is reset"
-                                );
-                                return;
-                            }
-                        }
+                let mut next_avail = v.get_queue().next_avail();
+                let avail_idx = match ring.avail_idx() {
+                    Ok(idx) if idx == next_avail => break,
+                    // More than a queue ahead: the guest claims chains that cannot exist, and
+                    // the queue would look "available" forever.
+                    Ok(idx) if idx.wrapping_sub(next_avail) > ring.size() => {
+                        self.broken |= 1 << local;
+                        log::error!(
+                            "queue {queue}: the guest's avail index {idx} is more than a queue \
+                             ahead of {next_avail}; queue stopped until it is reset"
+                        );
+                        return;
                     }
-                    None => break,
+                    Ok(idx) => idx,
+                    Err(e) => {
+                        self.broken |= 1 << local;
+                        log::error!("queue {queue}: {e}; queue stopped until it is reset");
+                        return;
+                    }
                 };
-                let head = chain.head_index();
-                let Some(mut req) = self.engine.take_request() else {
-                    unreachable!("can_accept checked above");
-                };
-                match blk_proto::parse(chain, &inner.device, &mut req) {
-                    Ok(()) => self.engine.enqueue(req, queue, head),
-                    Err(e) => match e.status() {
-                        Some(status) => {
-                            log::debug!("queue {queue} head {head}: {e}");
-                            self.engine.reject(req, queue, head, status);
+                while next_avail != avail_idx {
+                    if !self.engine.can_accept() {
+                        self.throttled |= 1 << local;
+                        return;
+                    }
+                    let head = match ring.head(next_avail) {
+                        Ok(head) => head,
+                        Err(e) => {
+                            self.broken |= 1 << local;
+                            log::error!("queue {queue}: {e}; queue stopped until it is reset");
+                            return;
                         }
-                        None => {
-                            self.malformed_logged += 1;
-                            if self.malformed_logged <= 10 {
-                                log::warn!(
-                                    "queue {queue} head {head}: malformed chain dropped: {e}"
-                                );
+                    };
+                    next_avail = next_avail.wrapping_add(1);
+                    v.get_queue_mut().set_next_avail(next_avail);
+                    let Some(mut req) = self.engine.take_request() else {
+                        unreachable!("can_accept checked above");
+                    };
+                    let mut walk = ring.chain(head);
+                    match blk_proto::parse_walk(&mut walk, &inner.device, &mut req) {
+                        Ok(()) => self.engine.enqueue(req, queue, head),
+                        Err(e) => match e.status() {
+                            Some(status) => {
+                                log::debug!("queue {queue} head {head}: {e}");
+                                self.engine.reject(req, queue, head, status);
                             }
-                            self.engine.discard_malformed(req, queue);
-                            if let Err(e) = v.add_used(head, 0) {
-                                log::warn!("queue {queue}: add_used failed: {e}");
+                            None => {
+                                self.malformed_logged += 1;
+                                if self.malformed_logged <= 10 {
+                                    match walk.error() {
+                                        Some(why) => log::warn!(
+                                            "queue {queue} head {head}: malformed chain \
+                                             dropped: {e}: {why}"
+                                        ),
+                                        None => log::warn!(
+                                            "queue {queue} head {head}: malformed chain \
+                                             dropped: {e}"
+                                        ),
+                                    }
+                                }
+                                self.engine.discard_malformed(req, queue);
+                                if let Err(e) = v.add_used(head, 0) {
+                                    log::warn!("queue {queue}: add_used failed: {e}");
+                                }
                             }
-                        }
-                    },
+                        },
+                    }
                 }
             }
             if !rearm {
@@ -542,11 +576,10 @@ impl IoThread {
 
     /// True if the guest has published chains this thread has not popped yet.
     fn has_avail(&self, vring: &Vring) -> bool {
-        let Some(mem) = self.pinned.last() else {
+        let Some(regions) = self.pinned.last() else {
             return false;
         };
-        let v = vring.get_ref();
-        v.get_queue().ready() && avail_pending(&v, mem)
+        avail_pending(&vring.get_ref(), regions)
     }
 
     /// Busy-polls the thread's avail rings and its completion queue for `inner.poll` after the
@@ -671,10 +704,25 @@ impl IoThread {
 }
 
 /// The guest's avail index differs from the next chain this queue would pop.
-fn avail_pending(v: &vhost_user_backend::VringState<GuestMem>, mem: &Mem) -> bool {
+fn avail_pending(
+    v: &vhost_user_backend::VringState<GuestMem>,
+    regions: &blk_proto::GuestRegions,
+) -> bool {
     let q = v.get_queue();
-    q.avail_idx(mem, Ordering::Acquire)
-        .is_ok_and(|idx| idx.0 != q.next_avail())
+    split_ring(q).is_some_and(|ring| {
+        ring.avail_idx(regions)
+            .is_ok_and(|idx| idx != q.next_avail())
+    })
+}
+
+/// Where the walker finds the queue's rings; None while the queue cannot be popped (not
+/// started, or no rings yet).
+fn split_ring(q: &virtio_queue::Queue) -> Option<blk_proto::SplitRing> {
+    (q.ready() && q.avail_ring() != 0 && q.size() != 0).then(|| blk_proto::SplitRing {
+        desc_table: q.desc_table(),
+        avail_ring: q.avail_ring(),
+        size: q.size(),
+    })
 }
 
 impl VhostUserBackend for BlkBackend {

@@ -697,6 +697,70 @@ fn an_avail_index_too_far_ahead_does_not_hang_the_iothread() {
     }
 }
 
+#[test]
+fn rings_outside_guest_memory_stop_only_their_queue() {
+    for poll in [Duration::ZERO, Duration::from_micros(200)] {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+        let image = dir.path().join("disk.img");
+        make_image(&image, IMAGE_SIZE);
+        let storage = open_image(&image, false).expect("buffered image");
+        let guest = guest();
+        // Queue 0: avail ring in the hole between regions B and C. Queue 1: descriptor table
+        // in the hole (its avail ring is fine and says one chain is there). Queue 2: sane.
+        let in_hole = QueueLayout {
+            avail: HOLE + 0x400,
+            ..layout(0, QSIZE)
+        };
+        let table_in_hole = QueueLayout {
+            desc: HOLE + 0x1000,
+            ..layout(1, QSIZE)
+        };
+        let sane = layout(2, QSIZE);
+        zero_rings(&guest, &sane);
+        let m = guest.mem.memory();
+        // Queue 1's avail and used rings are in memory: zero them (its table cannot be).
+        let l = &table_in_hole;
+        m.write_slice(&vec![0u8; l.avail_bytes() as usize], GuestAddress(l.avail))
+            .expect("avail");
+        m.write_slice(&vec![0u8; l.used_bytes() as usize], GuestAddress(l.used))
+            .expect("used");
+        let dev = Device::new(
+            &guest,
+            storage,
+            1,
+            &[in_hole, table_in_hole, sane],
+            false,
+            poll,
+        );
+        table_in_hole.publish(&m, &[0]);
+        m.write_slice(&header_bytes(VIRTIO_BLK_T_IN, 0), GuestAddress(HDR))
+            .expect("header");
+        sane.chain(
+            &m,
+            0,
+            &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+        );
+        sane.publish(&m, &[0]);
+        // The chain on queue 1 is answered (malformed: used len 0), queue 2's is served, and
+        // queue 0 neither hangs the thread nor touches anything.
+        if let Err(e) = dev.run(&[0, 1, 2], 2, Duration::from_secs(3)) {
+            guest.keep_mapped();
+            panic!("poll {poll:?}: {e}");
+        }
+        guest.guards_intact().expect("guard pages");
+        assert_eq!(
+            table_in_hole.used_entries(&m),
+            vec![(0, 0)],
+            "poll {poll:?}"
+        );
+        assert_eq!(sane.used_entries(&m), vec![(0, 513)], "poll {poll:?}");
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+    }
+}
+
 // ----- random chains -----
 
 mod random {

@@ -1,11 +1,17 @@
 //! Test guest: two adjacent memory regions, a split virtqueue at address 0, helpers to lay out
-//! descriptor chains and parse them.
+//! descriptor chains and parse them (both ways: virtio-queue's chain with `parse`, and the
+//! split-ring walker with `parse_walk`, which must agree).
 #![allow(dead_code)]
 
-use blk_proto::{parse, DeviceConfig, ParseError, Request, RequestHeader};
+use std::sync::Arc;
+
+use blk_proto::{
+    parse, parse_walk, DeviceConfig, GuestRegions, ParseError, Request, RequestHeader, SplitRing,
+};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 pub type Mem = GuestMemoryMmap<()>;
@@ -100,7 +106,7 @@ pub fn parse_descs(
         .collect();
     let queue = MockSplitQueue::new(mem, QUEUE_SIZE);
     let chain = queue.build_desc_chain(&raws).expect("mock chain");
-    parse(chain, cfg, out)
+    parse_both_ways(mem, &queue, QUEUE_SIZE, chain, cfg, out)
 }
 
 /// Parses a chain whose descriptor table entries (flags and next included) are given as is,
@@ -113,7 +119,63 @@ pub fn parse_raw_table(
 ) -> Result<(), ParseError> {
     let queue = MockSplitQueue::new(mem, QUEUE_SIZE);
     let chain = queue.build_multiple_desc_chains(table).expect("mock chain");
-    parse(chain, cfg, out)
+    parse_both_ways(mem, &queue, QUEUE_SIZE, chain, cfg, out)
+}
+
+/// Parses `chain` (the one the mock queue published first) with `parse` into `out`, and the
+/// same chain walked from the split ring with `parse_walk` into a twin of `out`; panics unless
+/// both give the same result and the same request. Returns the result.
+pub fn parse_both_ways(
+    mem: &Mem,
+    queue: &MockSplitQueue<'_, Mem>,
+    queue_size: u16,
+    chain: DescriptorChain<&Mem>,
+    cfg: &DeviceConfig,
+    out: &mut Request,
+) -> Result<(), ParseError> {
+    let mut twin = Request::with_capacity(out.iovecs.capacity(), out.ranges.capacity());
+    let walked = parse_walked(mem, queue, queue_size, cfg, &mut twin);
+    let result = parse(chain, cfg, out);
+    assert_eq!(walked, result, "parse_walk and parse disagree");
+    assert_same_request(&twin, out);
+    result
+}
+
+/// `parse_walk` over the chain at avail ring position 0 of `queue`.
+pub fn parse_walked(
+    mem: &Mem,
+    queue: &MockSplitQueue<'_, Mem>,
+    queue_size: u16,
+    cfg: &DeviceConfig,
+    out: &mut Request,
+) -> Result<(), ParseError> {
+    // A clone shares the mappings (regions are reference counted).
+    let regions = GuestRegions::new(Arc::new(mem.clone()));
+    let ring = SplitRing {
+        desc_table: queue.desc_table_addr().0,
+        avail_ring: queue.avail_addr().0,
+        size: queue_size,
+    };
+    // The server's path: the ring mapped once.
+    let ring = ring.map(&regions);
+    let head = ring.head(0).expect("avail ring in memory");
+    parse_walk(&mut ring.chain(head), cfg, out)
+}
+
+pub fn assert_same_request(a: &Request, b: &Request) {
+    assert_eq!(a.kind, b.kind, "kind");
+    assert_eq!(a.sector, b.sector, "sector");
+    let iovecs = |r: &Request| -> Vec<(usize, usize)> {
+        r.iovecs
+            .iter()
+            .map(|v| (v.iov_base as usize, v.iov_len))
+            .collect()
+    };
+    assert_eq!(iovecs(a), iovecs(b), "iovecs");
+    assert_eq!(a.data_len, b.data_len, "data_len");
+    assert_eq!(a.ranges, b.ranges, "ranges");
+    assert_eq!(a.status, b.status, "status");
+    assert_eq!(a.used_len, b.used_len, "used_len");
 }
 
 /// Writes `descs` as a properly linked indirect table at `table_addr` and returns the
