@@ -107,6 +107,8 @@ struct IoThread {
     done: Vec<engine::Completion>,
     /// Times the thread was woken (events handled).
     wakeups: u64,
+    /// The connection was quiesced: events still arriving from its teardown are expected.
+    connection_over: bool,
 }
 
 struct Inner {
@@ -227,6 +229,7 @@ impl BlkBackend {
                 malformed_logged: 0,
                 done: Vec::with_capacity(max_requests),
                 wakeups: 0,
+                connection_over: false,
             }));
         }
         let cpus = (0..cfg.iothreads)
@@ -408,6 +411,7 @@ impl IoThread {
             // Guest memory stays mapped while the kernel may still touch it.
             self.mem = None;
             self.pinned.clear();
+            self.connection_over = true;
         }
         self.throttled = 0;
         self.broken = 0;
@@ -423,6 +427,7 @@ impl IoThread {
                 }
                 ControlMsg::SetMemory(mem, reply) => {
                     self.mem = Some(mem);
+                    self.connection_over = false;
                     let _ = reply.send(Ok(()));
                 }
             }
@@ -455,7 +460,11 @@ impl IoThread {
     /// included) works as if virtio-queue had popped them.
     fn drain(&mut self, inner: &Inner, vring: &Vring, local: usize, queue: u16, rearm: bool) {
         if self.current_memory().is_none() {
-            log::warn!("queue {queue} kicked before the memory table was set");
+            if self.connection_over {
+                log::debug!("queue {queue} kicked after the connection was quiesced");
+            } else {
+                log::warn!("queue {queue} kicked before the memory table was set");
+            }
             return;
         }
         if self.broken & (1 << local) != 0 {
@@ -780,7 +789,9 @@ impl VhostUserBackend for BlkBackend {
                 Some(Err(e)) => log::warn!("memory table update: {e}"),
                 None => {}
             }
-            self.control(i).mem = Some(mem.clone());
+            let mut t = self.control(i);
+            t.mem = Some(mem.clone());
+            t.connection_over = false;
         }
         Ok(())
     }
