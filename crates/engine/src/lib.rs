@@ -17,6 +17,7 @@
 //! a backlog and follow as completions free room.
 
 pub mod backend;
+mod fixed;
 pub mod merge;
 mod order;
 pub mod ring;
@@ -39,6 +40,7 @@ pub use merge::MergeLimits;
 pub use ring::{RingCounters, RingMode, RingSetup};
 pub use stats::{QueueStats, StatKind};
 
+use fixed::FixedBuffers;
 use merge::RwItem;
 use order::FlushOrder;
 use ring::{Ring, RingParams};
@@ -92,6 +94,8 @@ pub struct EngineConfig {
     pub cpu: Option<usize>,
     /// Upper bound on io-wq workers per ring (0: the kernel's default).
     pub iowq_max_workers: u32,
+    /// Register guest memory as fixed buffers (READ(V)_FIXED / WRITE(V)_FIXED).
+    pub fixed_buffers: bool,
 }
 
 impl EngineConfig {
@@ -236,6 +240,16 @@ pub struct Engine {
     ready_flushes: Vec<usize>,
     /// Read once per drain ([`Engine::tick`]) and once per reap, not per request.
     clock: Instant,
+    /// Guest memory as host ranges, for the fixed-buffer table.
+    memory: Vec<(usize, usize)>,
+    /// What the current ring's buffer table holds.
+    fixed: FixedBuffers,
+    /// `memory` changed and the ring does not have it yet.
+    fixed_stale: bool,
+    fixed_failure_logged: bool,
+    /// Reads and writes issued on fixed buffers, and plainly.
+    io_fixed: u64,
+    io_plain: u64,
 }
 
 // SAFETY: the raw pointers an Engine holds (in Requests and ops) point into guest memory or its
@@ -261,6 +275,7 @@ impl Engine {
             file: backend.raw_fd(),
             cpu: cfg.cpu,
             iowq_max_workers: cfg.iowq_max_workers,
+            fixed_buffers: cfg.fixed_buffers,
         };
         // Built here, on the creating thread, so that a ring that cannot be set up is an error
         // at start-up; an iothread builds its own with `adopt_current_thread`.
@@ -280,6 +295,12 @@ impl Engine {
             order: FlushOrder::new(cfg.num_queues),
             ready_flushes: Vec::new(),
             clock: Instant::now(),
+            memory: Vec::new(),
+            fixed: FixedBuffers::none(),
+            fixed_stale: false,
+            fixed_failure_logged: false,
+            io_fixed: 0,
+            io_plain: 0,
             eventfd,
             backend,
             inflight: Slab::with_capacity(cfg.max_requests),
@@ -320,7 +341,49 @@ impl Engine {
         self.counters_before.enters += old.counters.enters;
         self.counters_before.sqes += old.counters.sqes;
         self.ring_capacity = self.ring.cq_entries();
+        self.fixed = FixedBuffers::none();
+        self.fixed_stale = !self.memory.is_empty();
+        self.sync_fixed_buffers();
         Ok(true)
+    }
+
+    /// Guest memory changed (or went away: empty): these host ranges are what requests point
+    /// into from now on. The ring's buffer table follows at once on the ring's own thread, else
+    /// at the next [`Engine::sync_fixed_buffers`] there.
+    pub fn set_guest_memory(&mut self, regions: &[(usize, usize)]) {
+        self.memory.clear();
+        self.memory.extend_from_slice(regions);
+        self.fixed_stale = true;
+        self.sync_fixed_buffers();
+    }
+
+    /// Registers the current guest memory with the ring if it does not have it yet (call on
+    /// the ring's thread; cheap when nothing changed). A kernel that refuses (RLIMIT_MEMLOCK,
+    /// memory that cannot be pinned) leaves plain READV/WRITEV, logged once.
+    pub fn sync_fixed_buffers(&mut self) {
+        if !self.fixed_stale || !self.cfg.fixed_buffers || !self.ring.owned_by_current_thread() {
+            return;
+        }
+        self.fixed_stale = false;
+        let plan = FixedBuffers::plan(&self.memory);
+        match self.ring.register_fixed(&plan, self.fixed.len()) {
+            Ok(()) => self.fixed = plan,
+            Err(e) => {
+                self.fixed = FixedBuffers::none();
+                if !self.fixed_failure_logged {
+                    self.fixed_failure_logged = true;
+                    log::warn!(
+                        "cannot register guest memory as fixed buffers ({e}); using plain \
+                         READV/WRITEV (see README: memlock limit)"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Reads and writes issued on registered buffers, and on plain ones.
+    pub fn fixed_io_counts(&self) -> (u64, u64) {
+        (self.io_fixed, self.io_plain)
     }
 
     /// What the kernel accepted for the current ring.
@@ -581,7 +644,7 @@ impl Engine {
             self.backlog.push_back(key);
             return;
         }
-        let entry = self.sqe(key);
+        let (entry, fixed) = self.sqe(key);
         // The SQE points at `op.iovecs`' heap buffer and the buffers it lists: guest memory
         // the vhost-server keeps mapped while requests are in flight, or this op's bounce
         // buffer. Ops leave the slab only in `finish_op`, after their CQE.
@@ -600,6 +663,11 @@ impl Engine {
             return;
         }
         self.in_ring += 1;
+        match fixed {
+            Some(true) => self.io_fixed += 1,
+            Some(false) => self.io_plain += 1,
+            None => {}
+        }
         if self.cfg.submit_batch > 0 && self.ring.pending() >= self.cfg.submit_batch {
             if let Err(e) = self.ring.enter(false, 0) {
                 log::error!("io_uring_enter failed: {e}");
@@ -617,7 +685,8 @@ impl Engine {
         }
     }
 
-    fn sqe(&self, key: usize) -> squeue::Entry {
+    /// The SQE of an op, and for reads and writes whether it uses a fixed buffer.
+    fn sqe(&self, key: usize) -> (squeue::Entry, Option<bool>) {
         let op = &self.ops[key];
         debug_assert!(
             self.backend.raw_fd().is_some(),
@@ -625,30 +694,65 @@ impl Engine {
         );
         // Index 0 of the files registered with the ring: the backend's fd.
         let fd = types::Fixed(0);
-        match op.kind {
-            OpKind::Read => opcode::Readv::new(fd, op.iovecs.as_ptr(), op.iovecs.len() as u32)
-                .offset(op.offset)
-                .build(),
-            OpKind::Write => {
-                let flags = if self.cfg.writeback.load(Ordering::Relaxed) {
-                    0
-                } else {
+        let (entry, fixed) = match op.kind {
+            OpKind::Read | OpKind::Write => {
+                let write = op.kind == OpKind::Write;
+                let flags = if write && !self.cfg.writeback.load(Ordering::Relaxed) {
                     libc::RWF_DSYNC
+                } else {
+                    0
                 };
-                opcode::Writev::new(fd, op.iovecs.as_ptr(), op.iovecs.len() as u32)
-                    .offset(op.offset)
-                    .rw_flags(flags)
-                    .build()
+                // A bounce buffer is not guest memory: never in the table.
+                let slot = match op.bounce {
+                    None => self.fixed.slot_of(&op.iovecs),
+                    Some(_) => None,
+                };
+                let n = op.iovecs.len() as u32;
+                let entry = match (slot, n) {
+                    (Some(slot), 1) => {
+                        let v = op.iovecs[0];
+                        if write {
+                            opcode::WriteFixed::new(fd, v.iov_base.cast(), v.iov_len as u32, slot)
+                                .offset(op.offset)
+                                .rw_flags(flags)
+                                .build()
+                        } else {
+                            opcode::ReadFixed::new(fd, v.iov_base.cast(), v.iov_len as u32, slot)
+                                .offset(op.offset)
+                                .build()
+                        }
+                    }
+                    _ if write => opcode::Writev::new(fd, op.iovecs.as_ptr(), n)
+                        .offset(op.offset)
+                        .rw_flags(flags)
+                        .build(),
+                    _ => opcode::Readv::new(fd, op.iovecs.as_ptr(), n)
+                        .offset(op.offset)
+                        .build(),
+                };
+                match slot {
+                    Some(_) if n == 1 => (entry, Some(true)),
+                    Some(slot) if self.ring.vectored_fixed() => {
+                        (fixed::vectored_fixed(entry, write, slot), Some(true))
+                    }
+                    _ => (entry, Some(false)),
+                }
             }
-            OpKind::Flush => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            OpKind::Fallocate { mode, len, .. } => opcode::Fallocate::new(fd, len)
-                .offset(op.offset)
-                .mode(mode)
-                .build(),
-        }
-        .user_data(key as u64)
+            OpKind::Flush => (
+                opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+                None,
+            ),
+            OpKind::Fallocate { mode, len, .. } => (
+                opcode::Fallocate::new(fd, len)
+                    .offset(op.offset)
+                    .mode(mode)
+                    .build(),
+                None,
+            ),
+        };
+        (entry.user_data(key as u64), fixed)
     }
 
     /// Resets the completion eventfd after it woke the thread. Separate from [`Engine::reap`]

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use io_uring::{squeue, types, IoUring};
 
+use crate::fixed::{FixedBuffers, FIXED_SLOTS, OP_READV_FIXED, OP_WRITEV_FIXED};
+
 /// io_uring_enter: also wait for / collect completions (the io-uring crate keeps its `sys`
 /// module private).
 const IORING_ENTER_GETEVENTS: u32 = 1;
@@ -75,6 +77,8 @@ pub struct RingParams {
     /// Upper bound on io-wq workers of each kind (bounded: regular files and block devices;
     /// unbounded: sockets and the like); 0 keeps the kernel's default.
     pub iowq_max_workers: u32,
+    /// Set up a table for guest memory as fixed buffers.
+    pub fixed_buffers: bool,
 }
 
 /// io_uring_enter calls and SQEs they carried.
@@ -104,13 +108,22 @@ pub(crate) struct Ring {
     mode: RingMode,
     owner: u64,
     pub(crate) counters: RingCounters,
+    /// A sparse table of FIXED_SLOTS buffers is registered (guest memory goes in with
+    /// [`Ring::register_fixed`]).
+    fixed_table: bool,
+    /// The kernel has READV_FIXED / WRITEV_FIXED.
+    vectored_fixed: bool,
 }
 
 impl Ring {
     /// Builds a ring on the calling thread, which becomes its only submitter.
     pub(crate) fn new(p: &RingParams) -> io::Result<Ring> {
         let tiers: &[RingMode] = match p.setup {
-            RingSetup::Auto => &[RingMode::DeferTaskrun, RingMode::CoopTaskrun, RingMode::Plain],
+            RingSetup::Auto => &[
+                RingMode::DeferTaskrun,
+                RingMode::CoopTaskrun,
+                RingMode::Plain,
+            ],
             RingSetup::Coop => &[RingMode::CoopTaskrun, RingMode::Plain],
             RingSetup::Plain => &[RingMode::Plain],
         };
@@ -131,13 +144,18 @@ impl Ring {
             }
             match b.build(p.sq_entries) {
                 Ok(uring) => {
-                    let ring = Ring {
+                    let mut ring = Ring {
                         uring,
                         mode,
                         owner: thread_token(),
                         counters: RingCounters::default(),
+                        fixed_table: false,
+                        vectored_fixed: false,
                     };
                     ring.register(p)?;
+                    if p.fixed_buffers {
+                        ring.set_up_fixed_table();
+                    }
                     return Ok(ring);
                 }
                 // EINVAL: a flag this kernel does not know.
@@ -176,6 +194,55 @@ impl Ring {
             }
         }
         Ok(())
+    }
+
+    /// Registers an empty buffer table to fill on every memory-table change, and asks the
+    /// kernel whether it has the vectored fixed opcodes.
+    fn set_up_fixed_table(&mut self) {
+        let s = self.uring.submitter();
+        match s.register_buffers_sparse(FIXED_SLOTS) {
+            Ok(()) => self.fixed_table = true,
+            Err(e) => log::debug!("no fixed-buffer table: {e}"),
+        }
+        let mut probe = io_uring::Probe::new();
+        if s.register_probe(&mut probe).is_ok() {
+            self.vectored_fixed =
+                probe.is_supported(OP_READV_FIXED) && probe.is_supported(OP_WRITEV_FIXED);
+        }
+    }
+
+    pub(crate) fn vectored_fixed(&self) -> bool {
+        self.vectored_fixed
+    }
+
+    /// Puts `bufs` in the buffer table, clearing slots up to `previous` that held others.
+    /// Requests in flight on a replaced buffer keep the kernel's reference to its pages.
+    pub(crate) fn register_fixed(
+        &mut self,
+        bufs: &FixedBuffers,
+        previous: usize,
+    ) -> io::Result<()> {
+        if !self.fixed_table {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        let mut iovecs = bufs.iovecs();
+        while iovecs.len() < previous {
+            // An empty entry clears the slot.
+            iovecs.push(libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            });
+        }
+        if iovecs.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: each iovec is a mapped range of guest memory (or empty); the kernel pins its
+        // pages, and SQEs name a slot only for buffers that lie inside it (FixedBuffers::slot_of).
+        unsafe {
+            self.uring
+                .submitter()
+                .register_buffers_update(0, &iovecs, None)
+        }
     }
 
     pub(crate) fn mode(&self) -> RingMode {
@@ -220,11 +287,7 @@ impl Ring {
         if to_submit == 0 && !getevents {
             return Ok(());
         }
-        let flags = if getevents {
-            IORING_ENTER_GETEVENTS
-        } else {
-            0
-        };
+        let flags = if getevents { IORING_ENTER_GETEVENTS } else { 0 };
         self.counters.enters += 1;
         loop {
             // SAFETY: no extended argument is passed; the SQEs were checked when pushed.
@@ -241,7 +304,10 @@ impl Ring {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 // The CQ is full or the kernel is short of memory: completions must be
                 // reaped first; the caller reaps and comes back.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EAGAIN) => {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        || e.raw_os_error() == Some(libc::EAGAIN) =>
+                {
                     return Ok(())
                 }
                 Err(e) => return Err(e),
@@ -266,11 +332,7 @@ impl Ring {
 
     /// Appends every CQE in the ring to `out` as (user_data, result).
     pub(crate) fn take_cqes(&mut self, out: &mut Vec<(u64, i32)>) {
-        out.extend(
-            self.uring
-                .completion()
-                .map(|c| (c.user_data(), c.result())),
-        );
+        out.extend(self.uring.completion().map(|c| (c.user_data(), c.result())));
     }
 
     /// While the iothread polls the CQ itself, the eventfd would only wake it for nothing

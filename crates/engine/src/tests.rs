@@ -29,6 +29,7 @@ fn config(writeback: bool) -> EngineConfig {
         ring_entries: 0,
         cpu: None,
         iowq_max_workers: 0,
+        fixed_buffers: true,
     }
 }
 
@@ -596,12 +597,24 @@ fn rings_without_defer_taskrun_serve_io_the_same() {
         let mut w = Buf::new(8192);
         w.slice().fill(0x5a);
         let mut st = 0;
-        let r = request(&mut fx.engine, RequestKind::Write, 8, &mut [&mut w], &mut st);
+        let r = request(
+            &mut fx.engine,
+            RequestKind::Write,
+            8,
+            &mut [&mut w],
+            &mut st,
+        );
         fx.engine.enqueue(r, 0, 1);
         run_to_completion(&mut fx.engine, 1);
         assert_eq!(st, VIRTIO_BLK_S_OK);
         let mut back = Buf::new(8192);
-        let r = request(&mut fx.engine, RequestKind::Read, 8, &mut [&mut back], &mut st);
+        let r = request(
+            &mut fx.engine,
+            RequestKind::Read,
+            8,
+            &mut [&mut back],
+            &mut st,
+        );
         fx.engine.enqueue(r, 0, 2);
         run_to_completion(&mut fx.engine, 1);
         assert!(back.slice().iter().all(|&b| b == 0x5a), "{setup:?}");
@@ -622,7 +635,10 @@ fn another_thread_adopts_an_idle_ring_by_setting_up_its_own() {
     let mut e = std::thread::scope(|s| {
         s.spawn(|| {
             let mut e = fx.engine;
-            assert!(e.adopt_current_thread().unwrap(), "a new ring for this thread");
+            assert!(
+                e.adopt_current_thread().unwrap(),
+                "a new ring for this thread"
+            );
             let mut b = Buf::new(4096);
             b.slice().fill(3);
             let mut st = 0;
@@ -645,4 +661,185 @@ fn another_thread_adopts_an_idle_ring_by_setting_up_its_own() {
     e.submit().unwrap();
     run_to_completion(&mut e, 1);
     assert!(b.slice().iter().all(|&x| x == 3));
+}
+
+/// A page-aligned block standing in for one guest memory region.
+struct GuestRegion {
+    mem: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl GuestRegion {
+    fn new(len: usize) -> GuestRegion {
+        let mem = vec![0u8; len + 4096];
+        let off = (4096 - mem.as_ptr() as usize % 4096) % 4096;
+        GuestRegion { mem, off, len }
+    }
+
+    fn range(&self) -> (usize, usize) {
+        (self.mem.as_ptr() as usize + self.off, self.len)
+    }
+
+    fn bytes(&mut self, at: usize, len: usize) -> &mut [u8] {
+        &mut self.mem[self.off + at..self.off + at + len]
+    }
+
+    fn iovec(&mut self, at: usize, len: usize) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.bytes(at, len).as_mut_ptr().cast(),
+            iov_len: len,
+        }
+    }
+}
+
+/// A request on iovecs given as they are.
+fn request_on(
+    e: &mut Engine,
+    kind: RequestKind,
+    sector: u64,
+    iovecs: &[libc::iovec],
+    status: &mut u8,
+) -> Request {
+    let mut r = request(e, kind, sector, &mut [], status);
+    for v in iovecs {
+        r.iovecs.push(*v);
+        r.data_len += v.iov_len as u32;
+    }
+    r
+}
+
+#[test]
+fn io_on_registered_guest_memory_uses_fixed_buffers_and_other_io_does_not() {
+    let mut fx = fixture(true);
+    let mut guest = GuestRegion::new(MIB as usize);
+    fx.engine.set_guest_memory(&[guest.range()]);
+    assert!(
+        fx.engine.ring.vectored_fixed(),
+        "kernel 6.15+ has READV_FIXED"
+    );
+    guest.bytes(0, 8192).fill(0x11);
+    guest.bytes(65536, 4096).fill(0x22);
+    let mut st = 0;
+    // One segment: WRITE_FIXED. Two segments in the region: WRITEV_FIXED.
+    let one = [guest.iovec(0, 4096)];
+    let r = request_on(&mut fx.engine, RequestKind::Write, 0, &one, &mut st);
+    fx.engine.enqueue(r, 0, 1);
+    run_to_completion(&mut fx.engine, 1);
+    let two = [guest.iovec(4096, 4096), guest.iovec(65536, 4096)];
+    let r = request_on(&mut fx.engine, RequestKind::Write, 16, &two, &mut st);
+    fx.engine.enqueue(r, 0, 2);
+    run_to_completion(&mut fx.engine, 1);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(fx.engine.fixed_io_counts(), (2, 0));
+    assert!(file_bytes(&fx.path, 0, 4096).iter().all(|&b| b == 0x11));
+    let disk = file_bytes(&fx.path, 8192, 8192);
+    assert!(disk[..4096].iter().all(|&b| b == 0x11) && disk[4096..].iter().all(|&b| b == 0x22));
+    // Read it back through READV_FIXED into two other places of the region.
+    let back = [guest.iovec(131072, 4096), guest.iovec(262144, 4096)];
+    let r = request_on(&mut fx.engine, RequestKind::Read, 16, &back, &mut st);
+    fx.engine.enqueue(r, 0, 3);
+    run_to_completion(&mut fx.engine, 1);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert!(guest.bytes(131072, 4096).iter().all(|&b| b == 0x11));
+    assert!(guest.bytes(262144, 4096).iter().all(|&b| b == 0x22));
+    assert_eq!(fx.engine.fixed_io_counts(), (3, 0));
+    // A request whose segments are not all in one registered buffer: plain READV.
+    let mut outside = Buf::new(4096);
+    let mixed = [guest.iovec(0, 4096), outside.iovec()];
+    let r = request_on(&mut fx.engine, RequestKind::Read, 16, &mixed, &mut st);
+    fx.engine.enqueue(r, 0, 4);
+    run_to_completion(&mut fx.engine, 1);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert!(guest.bytes(0, 4096).iter().all(|&b| b == 0x11));
+    assert!(outside.slice().iter().all(|&b| b == 0x22));
+    assert_eq!(fx.engine.fixed_io_counts(), (3, 1));
+}
+
+#[test]
+fn memory_the_kernel_cannot_pin_falls_back_to_plain_io() {
+    let mut fx = fixture(true);
+    // SAFETY: a fresh anonymous PROT_NONE mapping we own and unmap below.
+    let hole = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            65536,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(hole, libc::MAP_FAILED);
+    fx.engine.set_guest_memory(&[(hole as usize, 65536)]);
+    let mut b = Buf::new(4096);
+    b.slice().fill(0x33);
+    let mut st = 0;
+    let r = request(
+        &mut fx.engine,
+        RequestKind::Write,
+        0,
+        &mut [&mut b],
+        &mut st,
+    );
+    fx.engine.enqueue(r, 0, 1);
+    run_to_completion(&mut fx.engine, 1);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(fx.engine.fixed_io_counts(), (0, 1));
+    assert!(file_bytes(&fx.path, 0, 4096).iter().all(|&x| x == 0x33));
+    // SAFETY: unmapping the mapping made above, which nothing uses any more.
+    unsafe { libc::munmap(hole, 65536) };
+}
+
+#[test]
+fn a_memory_table_change_with_io_in_flight_keeps_that_io_whole() {
+    let (mut e, mut reader, _dir) = fifo_engine(config(true));
+    let mut old = GuestRegion::new(2 * MIB as usize);
+    old.bytes(0, MIB as usize).fill(0x44);
+    e.set_guest_memory(&[old.range()]);
+    let mut st = 0;
+    let w = [old.iovec(0, MIB as usize)];
+    let r = request_on(&mut e, RequestKind::Write, 0, &w, &mut st);
+    e.enqueue(r, 0, 1);
+    e.submit().unwrap();
+    assert!(
+        reap_for(&mut e, Duration::from_millis(100)).is_empty(),
+        "the FIFO holds the write"
+    );
+    // The guest's memory table changes while the write is in flight on the old buffer.
+    let mut new = GuestRegion::new(MIB as usize);
+    new.bytes(0, 4096).fill(0x55);
+    e.set_guest_memory(&[new.range()]);
+    let drain = std::thread::spawn(move || {
+        let mut first = vec![0u8; MIB as usize];
+        reader.read_exact(&mut first).unwrap();
+        let mut second = vec![0u8; 4096];
+        reader.read_exact(&mut second).unwrap();
+        (first, second)
+    });
+    run_to_completion(&mut e, 1);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    // (The pipe takes the write in pieces; the pieces resubmitted after the change are plain,
+    // the old buffer having left the table.)
+    let before = e.fixed_io_counts();
+    let w = [new.iovec(0, 4096)];
+    let r = request_on(&mut e, RequestKind::Write, 0, &w, &mut st);
+    e.enqueue(r, 0, 2);
+    run_to_completion(&mut e, 1);
+    let (first, second) = drain.join().unwrap();
+    assert!(
+        first.iter().all(|&b| b == 0x44),
+        "the in-flight write sent the old memory"
+    );
+    assert!(second.iter().all(|&b| b == 0x55));
+    let after = e.fixed_io_counts();
+    assert!(
+        before.0 >= 1,
+        "the first write went out on the old fixed buffer"
+    );
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 0),
+        "the new memory is registered"
+    );
 }

@@ -85,8 +85,10 @@ pub struct Cli {
     #[arg(long, value_name = "US", default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub poll_us: u64,
 
-    /// At most this many SQEs per io_uring_enter; 0 submits a drained batch at once.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    /// At most this many SQEs per io_uring_enter; 0 submits a drained batch at once. Two or
+    /// fewer keep io_uring from plugging the block layer, which holds a burst back until all
+    /// of it is prepared (slower on disks that serve requests as they arrive; bench/README.md).
+    #[arg(long, value_name = "N", default_value_t = 2)]
     pub submit_batch: usize,
 
     /// io_uring setup: auto (SINGLE_ISSUER + DEFER_TASKRUN where the kernel has them, else
@@ -97,6 +99,11 @@ pub struct Cli {
     /// Upper bound on each ring's io-wq worker threads (0: the kernel's default).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub iowq_max_workers: u32,
+
+    /// Do not register guest memory with the rings as fixed buffers (plain READV/WRITEV,
+    /// which pin the pages of every request anew).
+    #[arg(long)]
+    pub no_fixed_buffers: bool,
 
     /// Start with the write cache off: every write is durable (O_DSYNC) before it completes.
     #[arg(long)]

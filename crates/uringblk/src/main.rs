@@ -149,6 +149,7 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
             submit_batch: cli.submit_batch,
             ring_setup: cli.ring_setup,
             iowq_max_workers: cli.iowq_max_workers,
+            fixed_buffers: !cli.no_fixed_buffers,
         },
         storage.clone(),
     )

@@ -71,6 +71,8 @@ pub struct ServerConfig {
     pub ring_setup: RingSetup,
     /// Upper bound on each ring's io-wq workers (0: the kernel's default).
     pub iowq_max_workers: u32,
+    /// Register guest memory with each ring as fixed buffers.
+    pub fixed_buffers: bool,
 }
 
 /// Spreads `queues` over `threads` as evenly as possible, contiguous runs per thread.
@@ -215,6 +217,7 @@ impl BlkBackend {
                     ring_entries: 0,
                     cpu: cfg.cpus.get(t).copied(),
                     iowq_max_workers: cfg.iowq_max_workers,
+                    fixed_buffers: cfg.fixed_buffers,
                 },
             )?;
             ports.push(ControlPort::new(t).map_err(ServerError::Control)?);
@@ -367,12 +370,15 @@ impl BlkBackend {
             .map(|i| {
                 let t = self.control(i);
                 let c = t.engine.ring_counters();
+                let (fixed, plain) = t.engine.fixed_io_counts();
                 serde_json::json!({
                     "iothread": i,
                     "ring": t.engine.ring_mode().name(),
                     "enters": c.enters,
                     "sqes": c.sqes,
                     "wakeups": t.wakeups,
+                    "io_fixed_buffers": fixed,
+                    "io_plain_buffers": plain,
                 })
             })
             .collect();
@@ -411,6 +417,7 @@ impl IoThread {
             // Guest memory stays mapped while the kernel may still touch it.
             self.mem = None;
             self.pinned.clear();
+            self.engine.set_guest_memory(&[]);
             self.connection_over = true;
         }
         self.throttled = 0;
@@ -426,6 +433,8 @@ impl IoThread {
                     let _ = reply.send(self.forget_connection(thread));
                 }
                 ControlMsg::SetMemory(mem, reply) => {
+                    // Registered before the reply: the old mappings go away after it.
+                    self.engine.set_guest_memory(&host_regions(&mem));
                     self.mem = Some(mem);
                     self.connection_over = false;
                     let _ = reply.send(Ok(()));
@@ -712,6 +721,15 @@ impl IoThread {
     }
 }
 
+/// Guest memory as (host address, length) per region, for the rings' fixed-buffer tables.
+fn host_regions(mem: &GuestMem) -> Vec<(usize, usize)> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.memory()
+        .iter()
+        .map(|r| (r.as_ptr() as usize, r.len() as usize))
+        .collect()
+}
+
 /// The guest's avail index differs from the next chain this queue would pop.
 fn avail_pending(
     v: &vhost_user_backend::VringState<GuestMem>,
@@ -790,6 +808,8 @@ impl VhostUserBackend for BlkBackend {
                 None => {}
             }
             let mut t = self.control(i);
+            // Registered by the iothread at its next event (its ring, its thread).
+            t.engine.set_guest_memory(&host_regions(&mem));
             t.mem = Some(mem.clone());
             t.connection_over = false;
         }
@@ -855,6 +875,7 @@ impl VhostUserBackend for BlkBackend {
                 return Ok(());
             }
         }
+        t.engine.sync_fixed_buffers();
         let slept_at = t.slept_at.take();
         let stopping = inner.stopping.load(Ordering::Relaxed);
         // Queues of a thread are contiguous (see queue_masks): local i is first_queue + i.

@@ -29,6 +29,7 @@ fn backend(queues: u16, iothreads: usize) -> BlkBackend {
             submit_batch: 0,
             ring_setup: engine::RingSetup::Auto,
             iowq_max_workers: 0,
+            fixed_buffers: true,
         },
         Arc::new(Backend::null(1 << 20)),
     )
@@ -229,6 +230,7 @@ fn bad_thread_and_cpu_counts_are_refused() {
                 submit_batch: 0,
                 ring_setup: engine::RingSetup::Auto,
                 iowq_max_workers: 0,
+                fixed_buffers: true,
             },
             Arc::new(Backend::null(1 << 20)),
         )
@@ -258,6 +260,7 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
             submit_batch: 0,
             ring_setup: engine::RingSetup::Auto,
             iowq_max_workers: 0,
+            fixed_buffers: true,
         },
         Arc::new(Backend::null(1 << 20)),
     )

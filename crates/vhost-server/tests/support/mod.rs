@@ -379,6 +379,7 @@ impl Device {
                 submit_batch: 0,
                 ring_setup: engine::RingSetup::Auto,
                 iowq_max_workers: 0,
+                fixed_buffers: true,
             },
             storage,
         )
