@@ -144,7 +144,11 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
             iothreads,
             cpus,
             writeback: !cli.writethrough,
-            merge: MergeLimits::default(),
+            merge: MergeLimits {
+                // A request larger than the limit still goes out, alone.
+                max_bytes: cli.merge_max_kib << 10,
+                ..MergeLimits::default()
+            },
             poll: std::time::Duration::from_micros(cli.poll_us),
             submit_batch: cli.submit_batch,
             ring_setup: cli.ring_setup,
