@@ -5,11 +5,11 @@
 # difference in requests is the cost of one request, free of start-up and shutdown costs.
 # Repeatable to well under 1% on the same binaries (timings are not).
 #
-# Usage: bench/cpu-cost.sh [SHORT_S LONG_S]     (default 2 6)
-# Writes bench/results/cpu-cost.json and prints a table.
+# Usage: bench/cpu-cost.sh [SHORT_S LONG_S [IODEPTH]]     (default 2 6 32)
+# Writes bench/results/cpu-cost.json (cpu-cost-qdN.json for another depth) and prints a table.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-short=${1:-2} long=${2:-6}
+short=${1:-2} long=${2:-6} depth=${3:-32}
 command -v valgrind >/dev/null || { echo "cpu-cost: valgrind missing (apt-get install valgrind)" >&2; exit 1; }
 command -v qemu-storage-daemon >/dev/null || { echo "cpu-cost: qemu-storage-daemon missing" >&2; exit 1; }
 cargo build --release -q -p uringblk -p uringblk-loadgen
@@ -35,7 +35,7 @@ run() {
     local pid=$!
     for _ in $(seq 300); do [[ -S $sock ]] && break; sleep 0.1; done
     [[ -S $sock ]] || { echo "cpu-cost: $target did not start" >&2; cat "$work/server.log" >&2; exit 1; }
-    taskset -c 0 "$bin/uringblk-loadgen" --socket "$sock" --rw randread --bs 4k --iodepth 32 \
+    taskset -c 0 "$bin/uringblk-loadgen" --socket "$sock" --rw randread --bs 4k --iodepth "$depth" \
         --runtime "${secs}s" --json >"$work/lg.json" 2>/dev/null
     kill -TERM "$pid"; wait "$pid" || true
     local ir reqs
@@ -53,7 +53,9 @@ for target in uringblk-null qsd-null; do
     results+=("{\"target\": \"$target\", \"instructions_per_request\": $per, \"requests\": [$n1, $n2], \"instructions\": [$ir1, $ir2]}")
 done
 mkdir -p bench/results
-{ echo "{\"date\": \"$(date -u +%FT%TZ)\", \"job\": \"randread 4k qd32 1 queue\", \"results\": ["
+out=bench/results/cpu-cost.json
+[[ $depth == 32 ]] || out=bench/results/cpu-cost-qd$depth.json
+{ echo "{\"date\": \"$(date -u +%FT%TZ)\", \"job\": \"randread 4k qd$depth 1 queue\", \"results\": ["
   (IFS=,; echo "${results[*]}")
-  echo "]}"; } > bench/results/cpu-cost.json
-cat bench/results/cpu-cost.json
+  echo "]}"; } > "$out"
+cat "$out"

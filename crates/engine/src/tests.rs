@@ -843,3 +843,16 @@ fn a_memory_table_change_with_io_in_flight_keeps_that_io_whole() {
         "the new memory is registered"
     );
 }
+
+#[test]
+fn the_cq_holds_a_request_of_every_queue_of_the_iothread() {
+    // 64 queues of 1024 on one iothread: 65536 requests, the most the kernel's CQ takes.
+    for (requests, want_cq) in [(256, 512), (4096, 8192), (16384, 16384), (65536, 65536)] {
+        let mut cfg = config(true);
+        cfg.max_requests = requests;
+        let (sq, cq) = cfg.ring_sizes();
+        assert!(sq <= 4096 && cq >= 2 * sq, "{requests}: sq {sq} cq {cq}");
+        assert_eq!(cq, want_cq, "{requests} requests");
+        assert!(cq as usize >= requests.min(65536));
+    }
+}

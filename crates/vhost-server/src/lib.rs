@@ -154,8 +154,10 @@ fn control_event(num_queues: usize) -> u16 {
     num_queues as u16 + 2
 }
 
-/// How long the control path waits for an iothread to finish its in-flight I/O.
+/// How long an iothread waits for its in-flight I/O to finish at a quiesce.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the control path waits for the iothread's answer: its wait, and then some.
+const QUIESCE_ANSWER_TIMEOUT: Duration = Duration::from_secs(35);
 /// How long it waits for an iothread to take a new memory table.
 const MEMORY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -335,7 +337,7 @@ impl BlkBackend {
     pub fn quiesce(&self) {
         for i in 0..self.0.threads.len() {
             // The iothread owns its ring: it waits for its own I/O.
-            match self.ask(i, ControlMsg::Quiesce, QUIESCE_TIMEOUT + MEMORY_TIMEOUT) {
+            match self.ask(i, ControlMsg::Quiesce, QUIESCE_ANSWER_TIMEOUT) {
                 Some(Ok(())) => continue,
                 Some(Err(e)) => log::warn!("quiesce: {e}"),
                 None => {}
