@@ -338,8 +338,7 @@ impl Engine {
         }
         let ring = Ring::new(&self.ring_params).map_err(EngineError::Ring)?;
         let old = std::mem::replace(&mut self.ring, ring);
-        self.counters_before.enters += old.counters.enters;
-        self.counters_before.sqes += old.counters.sqes;
+        self.counters_before = self.counters_before + old.counters;
         self.ring_capacity = self.ring.cq_entries();
         self.fixed = FixedBuffers::none();
         self.fixed_stale = !self.memory.is_empty();
@@ -393,10 +392,7 @@ impl Engine {
 
     /// io_uring_enter calls and SQEs over the engine's life.
     pub fn ring_counters(&self) -> RingCounters {
-        RingCounters {
-            enters: self.counters_before.enters + self.ring.counters.enters,
-            sqes: self.counters_before.sqes + self.ring.counters.sqes,
-        }
+        self.counters_before + self.ring.counters
     }
 
     /// Reads the clock that stamps the requests enqueued next (once per drain).

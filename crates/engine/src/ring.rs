@@ -88,6 +88,17 @@ pub struct RingCounters {
     pub sqes: u64,
 }
 
+impl std::ops::Add for RingCounters {
+    type Output = RingCounters;
+
+    fn add(self, other: RingCounters) -> RingCounters {
+        RingCounters {
+            enters: self.enters + other.enters,
+            sqes: self.sqes + other.sqes,
+        }
+    }
+}
+
 thread_local! {
     static THREAD_TOKEN: Cell<u64> = const { Cell::new(0) };
 }
