@@ -119,8 +119,8 @@ pub struct Cli {
     /// Do not lock the image. By default it is locked the way QEMU locks images (OFD locks
     /// on QEMU's permission bytes), for the life of the process: while it is served, QEMU,
     /// qemu-img and other uringblk processes cannot open it for writing, and an image that one
-    /// of them holds for writing is refused.
-    #[arg(long, requires = "image")]
+    /// of them holds for writing is refused. (--null has nothing to lock.)
+    #[arg(long)]
     pub no_lock: bool,
 }
 
