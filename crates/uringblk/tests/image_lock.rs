@@ -33,7 +33,7 @@ fn tools_or_skip(test: &str, tools: &[&str]) -> bool {
         return true;
     }
     let reason = format!(
-        "{test}: missing {} (apt-get install qemu-utils qemu-system-x86 util-linux)",
+        "{test}: missing {} (apt-get install qemu-utils qemu-system-x86 util-linux mount)",
         missing.join(", ")
     );
     assert!(
