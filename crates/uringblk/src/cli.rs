@@ -115,6 +115,13 @@ pub struct Cli {
     /// Start with the write cache off: every write is durable (O_DSYNC) before it completes.
     #[arg(long)]
     pub writethrough: bool,
+
+    /// Do not lock the image. By default it is locked the way QEMU locks images (OFD locks
+    /// on QEMU's permission bytes), for the life of the process: while it is served, QEMU,
+    /// qemu-img and other uringblk processes cannot open it for writing, and an image that one
+    /// of them holds for writing is refused. (--null has nothing to lock.)
+    #[arg(long)]
+    pub no_lock: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! uringblk: serves one disk image (or a null device) over vhost-user-blk. This binary only
-//! wires things together: flags (cli.rs) -> storage backend (engine) -> vhost-user backend
-//! (vhost-server) -> connection loop, plus logging and signals.
+//! wires things together: flags (cli.rs) -> storage backend (engine) -> image lock
+//! (image-lock) -> vhost-user backend (vhost-server) -> connection loop, plus logging and
+//! signals.
 
 mod cli;
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use blk_proto::DeviceConfig;
 use clap::Parser;
 use engine::{Backend, ImageOptions, MergeLimits};
+use image_lock::{Access, ImageLock, LockError};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use vhost_server::{BlkBackend, ServerConfig};
@@ -27,7 +29,8 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
     let cli = Cli::parse();
-    let (backend, storage) = match build(&cli) {
+    // The image lock is held until the process ends, across every reconnect.
+    let (backend, storage, _image_lock) = match build(&cli) {
         Ok(b) => b,
         Err(msg) => {
             eprintln!("uringblk: error: {msg}");
@@ -79,8 +82,9 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Checks every flag against the others and the storage, then builds the backend.
-fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
+/// Checks every flag against the others and the storage, locks the image, then builds the
+/// backend.
+fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>, Option<ImageLock>), String> {
     let cpus = cli.cpus.clone().map(|c| c.0).unwrap_or_default();
     let iothreads = match (cli.iothreads, cpus.len()) {
         (Some(n), _) => n as usize,
@@ -117,6 +121,7 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
         (None, Some(size)) => Backend::null(size),
         (None, None) => return Err("give --image PATH or --null SIZE".into()),
     };
+    let image_lock = lock_image(cli)?;
     let capacity = storage.capacity_bytes();
     if capacity < u64::from(cli.logical_block_size) {
         return Err(format!(
@@ -172,7 +177,32 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
         iothreads,
         cli.logical_block_size
     );
-    Ok((backend, storage))
+    Ok((backend, storage, image_lock))
+}
+
+/// Locks the image as QEMU would lock it for this export (nothing to lock for --null).
+fn lock_image(cli: &Cli) -> Result<Option<ImageLock>, String> {
+    let Some(path) = &cli.image else {
+        return Ok(None);
+    };
+    if cli.no_lock {
+        log::warn!(
+            "--no-lock: {} is served without image locks",
+            path.display()
+        );
+        return Ok(None);
+    }
+    let access = if cli.readonly {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let lock = ImageLock::acquire(path, access).map_err(|e| match e {
+        LockError::Conflict { .. } => format!("{e}; --no-lock serves it anyway"),
+        _ => e.to_string(),
+    })?;
+    log::debug!("locked {} for {access:?}", lock.path().display());
+    Ok(Some(lock))
 }
 
 /// A socket file another live server answers on must not be stolen (a stale one is fine).
