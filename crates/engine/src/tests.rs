@@ -2,8 +2,12 @@
 //! pointing at test-owned buffers (standing in for guest memory).
 
 use super::*;
-use blk_proto::{Range, VIRTIO_BLK_S_IOERR};
+use crate::iovec::advance_iovecs;
+use blk_proto::{
+    Range, Request, RequestKind, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::atomic::AtomicBool;
 
 const MIB: u64 = 1 << 20;
 
@@ -36,7 +40,7 @@ fn config(writeback: bool) -> EngineConfig {
 fn fixture(direct: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
-    let backend = Backend::open(
+    let backend = Storage::open(
         &path,
         &ImageOptions {
             read_only: false,
@@ -336,7 +340,7 @@ fn a_host_error_reaches_the_guest_as_ioerr() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ro.img");
     std::fs::File::create(&path).unwrap().set_len(MIB).unwrap();
-    let backend = Backend::open(
+    let backend = Storage::open(
         &path,
         &ImageOptions {
             read_only: true,
@@ -404,7 +408,7 @@ fn short_transfers_continue_where_they_stopped() {
 fn writethrough_writes_still_land() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wt.img");
-    let backend = Backend::open(
+    let backend = Storage::open(
         &path,
         &ImageOptions {
             read_only: false,
@@ -426,7 +430,7 @@ fn writethrough_writes_still_land() {
 
 #[test]
 fn null_backend_completes_inline() {
-    let mut e = Engine::new(Arc::new(Backend::null(MIB)), config(true)).unwrap();
+    let mut e = Engine::new(Arc::new(Storage::null(MIB)), config(true)).unwrap();
     let mut data = Buf::new(4096);
     let mut st = 0;
     let r = request(&mut e, RequestKind::Read, 0, &mut [&mut data], &mut st);
@@ -446,7 +450,7 @@ fn null_backend_completes_inline() {
 
 #[test]
 fn pool_exhaustion_is_backpressure_not_allocation() {
-    let mut e = Engine::new(Arc::new(Backend::null(MIB)), config(true)).unwrap();
+    let mut e = Engine::new(Arc::new(Storage::null(MIB)), config(true)).unwrap();
     let taken: Vec<Request> = (0..64).map(|_| e.take_request().unwrap()).collect();
     assert!(e.take_request().is_none());
     for r in taken {
@@ -484,7 +488,7 @@ fn fifo_engine(cfg: EngineConfig) -> (Engine, std::fs::File, tempfile::TempDir) 
         .open(&path)
         .unwrap();
     let reader = std::fs::File::open(&path).unwrap();
-    let backend = Backend::from_file_for_tests(file, 64 * MIB);
+    let backend = Storage::from_file_for_tests(file, 64 * MIB);
     (Engine::new(Arc::new(backend), cfg).unwrap(), reader, dir)
 }
 
@@ -549,7 +553,7 @@ fn more_ops_than_the_cq_holds_wait_in_the_backlog_and_all_complete() {
         .unwrap()
         .write_all(&vec![0x5a; 2 * MIB as usize])
         .unwrap();
-    fx.engine = Engine::new(fx.engine.backend.clone(), cfg).unwrap();
+    fx.engine = Engine::new(fx.engine.storage.clone(), cfg).unwrap();
     let cq = fx.engine.ring_capacity;
     assert_eq!(cq, 16);
     let mut status = [0u8; 16];
@@ -588,7 +592,7 @@ fn rings_without_defer_taskrun_serve_io_the_same() {
         let mut cfg = config(true);
         cfg.ring_setup = setup;
         let mut fx = fixture(true);
-        fx.engine = Engine::new(fx.engine.backend.clone(), cfg).unwrap();
+        fx.engine = Engine::new(fx.engine.storage.clone(), cfg).unwrap();
         let want = match setup {
             RingSetup::Coop => RingMode::CoopTaskrun,
             _ => RingMode::Plain,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use blk_proto::DeviceConfig;
 use clap::Parser;
-use engine::{Backend, ImageOptions, MergeLimits};
+use engine::{ImageOptions, MergeLimits, Storage};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use vhost_server::{BlkBackend, ServerConfig};
@@ -80,7 +80,7 @@ fn main() -> ExitCode {
 }
 
 /// Checks every flag against the others and the storage, then builds the backend.
-fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
+fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Storage>), String> {
     let cpus = cli.cpus.clone().map(|c| c.0).unwrap_or_default();
     let iothreads = match (cli.iothreads, cpus.len()) {
         (Some(n), _) => n as usize,
@@ -109,12 +109,12 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
                 direct: !cli.buffered,
                 create_size: cli.create,
             };
-            let b = Backend::open(path, &opts).map_err(|e| e.to_string())?;
+            let b = Storage::open(path, &opts).map_err(|e| e.to_string())?;
             b.check_block_size(path, cli.logical_block_size)
                 .map_err(|e| e.to_string())?;
             b
         }
-        (None, Some(size)) => Backend::null(size),
+        (None, Some(size)) => Storage::null(size),
         (None, None) => return Err("give --image PATH or --null SIZE".into()),
     };
     let capacity = storage.capacity_bytes();

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use blk_proto::{parse_config_write, DeviceConfig, VIRTIO_BLK_ID_BYTES};
-use engine::{Backend, Engine, EngineConfig, MergeLimits, QueueStats, RingSetup};
+use engine::{Engine, EngineConfig, MergeLimits, QueueStats, RingSetup, Storage};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex, VringT};
 use virtio_queue::QueueT;
@@ -162,7 +162,7 @@ const QUIESCE_ANSWER_TIMEOUT: Duration = Duration::from_secs(35);
 const MEMORY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl BlkBackend {
-    pub fn new(cfg: ServerConfig, storage: Arc<Backend>) -> Result<BlkBackend, ServerError> {
+    pub fn new(cfg: ServerConfig, storage: Arc<Storage>) -> Result<BlkBackend, ServerError> {
         cfg.device.validate()?;
         let queues = cfg.device.num_queues as usize;
         if queues > 64 {

@@ -31,7 +31,7 @@ fn backend(queues: u16, iothreads: usize) -> BlkBackend {
             iowq_max_workers: 0,
             fixed_buffers: true,
         },
-        Arc::new(Backend::null(1 << 20)),
+        Arc::new(Storage::null(1 << 20)),
     )
     .unwrap()
 }
@@ -232,7 +232,7 @@ fn bad_thread_and_cpu_counts_are_refused() {
                 iowq_max_workers: 0,
                 fixed_buffers: true,
             },
-            Arc::new(Backend::null(1 << 20)),
+            Arc::new(Storage::null(1 << 20)),
         )
     };
     assert!(matches!(mk(3, vec![]), Err(ServerError::IoThreads { .. })));
@@ -262,7 +262,7 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
             iowq_max_workers: 0,
             fixed_buffers: true,
         },
-        Arc::new(Backend::null(1 << 20)),
+        Arc::new(Storage::null(1 << 20)),
     )
     .unwrap();
     assert_ne!(

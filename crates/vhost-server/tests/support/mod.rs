@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blk_proto::DeviceConfig;
-use engine::{Backend, ImageOptions, MergeLimits};
+use engine::{ImageOptions, MergeLimits, Storage};
 use vhost_server::{queue_masks, BlkBackend, ServerConfig, Vring};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -308,13 +308,13 @@ pub fn make_image(path: &Path, size: u64) {
 
 /// Opens `path` for the engine; None (after a loud SKIPPED line) when O_DIRECT was asked for
 /// and the filesystem refuses it.
-pub fn open_image(path: &Path, direct: bool) -> Option<Arc<Backend>> {
+pub fn open_image(path: &Path, direct: bool) -> Option<Arc<Storage>> {
     let opts = ImageOptions {
         read_only: false,
         direct,
         create_size: None,
     };
-    match Backend::open(path, &opts) {
+    match Storage::open(path, &opts) {
         Ok(b) => Some(Arc::new(b)),
         Err(e) if direct => {
             eprintln!("SKIPPED: O_DIRECT image at {}: {e}", path.display());
@@ -359,7 +359,7 @@ impl Device {
     /// A backend over `storage` with one vring per layout, memory table already set.
     pub fn new(
         guest: &Guest,
-        storage: Arc<Backend>,
+        storage: Arc<Storage>,
         iothreads: usize,
         layouts: &[QueueLayout],
         event_idx: bool,

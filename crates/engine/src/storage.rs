@@ -8,7 +8,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
-pub enum BackendError {
+pub enum StorageError {
     #[error("cannot open {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
     #[error("cannot create {path}: {source}")]
@@ -27,7 +27,7 @@ pub enum BackendError {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendKind {
+pub enum StorageKind {
     File,
     BlockDevice,
     Null,
@@ -45,9 +45,9 @@ pub struct ImageOptions {
 
 /// An opened backend. Shared read-only by every iothread (each has its own ring).
 #[derive(Debug)]
-pub struct Backend {
+pub struct Storage {
     file: Option<File>,
-    kind: BackendKind,
+    kind: StorageKind,
     capacity: u64,
     direct: bool,
     /// O_DIRECT alignment of buffer addresses and lengths in memory (1 when not direct).
@@ -56,12 +56,12 @@ pub struct Backend {
     dio_offset_align: u32,
 }
 
-impl Backend {
+impl Storage {
     /// The null backend: `capacity` bytes that read as whatever the buffer held.
-    pub fn null(capacity: u64) -> Backend {
-        Backend {
+    pub fn null(capacity: u64) -> Storage {
+        Storage {
             file: None,
-            kind: BackendKind::Null,
+            kind: StorageKind::Null,
             capacity,
             direct: false,
             dio_mem_align: 1,
@@ -69,7 +69,7 @@ impl Backend {
         }
     }
 
-    pub fn open(path: &Path, opts: &ImageOptions) -> Result<Backend, BackendError> {
+    pub fn open(path: &Path, opts: &ImageOptions) -> Result<Storage, StorageError> {
         if let Some(size) = opts.create_size {
             if !path.exists() {
                 let f = OpenOptions::new()
@@ -77,7 +77,7 @@ impl Backend {
                     .create_new(true)
                     .open(path)
                     .and_then(|f| f.set_len(size).map(|_| f))
-                    .map_err(|source| BackendError::Create {
+                    .map_err(|source| StorageError::Create {
                         path: path.into(),
                         source,
                     })?;
@@ -90,40 +90,40 @@ impl Backend {
         if opts.direct {
             open.custom_flags(libc::O_DIRECT);
         }
-        let file = open.open(path).map_err(|source| BackendError::Open {
+        let file = open.open(path).map_err(|source| StorageError::Open {
             path: path.into(),
             source,
         })?;
-        let meta = file.metadata().map_err(|source| BackendError::Open {
+        let meta = file.metadata().map_err(|source| StorageError::Open {
             path: path.into(),
             source,
         })?;
         let kind = if meta.file_type().is_block_device() {
-            BackendKind::BlockDevice
+            StorageKind::BlockDevice
         } else if meta.file_type().is_file() {
-            BackendKind::File
+            StorageKind::File
         } else {
-            return Err(BackendError::NotAFileOrBlockDevice { path: path.into() });
+            return Err(StorageError::NotAFileOrBlockDevice { path: path.into() });
         };
         // lseek(SEEK_END) gives the size of regular files and block devices alike.
         // SAFETY: lseek on a file descriptor we own; it does not touch memory.
         let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
         if end < 0 {
-            return Err(BackendError::Size {
+            return Err(StorageError::Size {
                 path: path.into(),
                 source: io::Error::last_os_error(),
             });
         }
         let capacity = end as u64;
         if capacity == 0 {
-            return Err(BackendError::Empty { path: path.into() });
+            return Err(StorageError::Empty { path: path.into() });
         }
         let (dio_mem_align, dio_offset_align) = if opts.direct {
             dio_alignment(&file).unwrap_or((512, 512))
         } else {
             (1, 1)
         };
-        Ok(Backend {
+        Ok(Storage {
             file: Some(file),
             kind,
             capacity,
@@ -136,10 +136,10 @@ impl Backend {
     /// A backend on any open file (a FIFO, say, whose writes stay in flight until the test
     /// reads them), for the engine's own tests.
     #[cfg(test)]
-    pub(crate) fn from_file_for_tests(file: File, capacity: u64) -> Backend {
-        Backend {
+    pub(crate) fn from_file_for_tests(file: File, capacity: u64) -> Storage {
+        Storage {
             file: Some(file),
-            kind: BackendKind::File,
+            kind: StorageKind::File,
             capacity,
             direct: false,
             dio_mem_align: 1,
@@ -152,9 +152,9 @@ impl Backend {
         &self,
         path: &Path,
         logical_block_size: u32,
-    ) -> Result<(), BackendError> {
+    ) -> Result<(), StorageError> {
         if self.direct && self.dio_offset_align > logical_block_size {
-            return Err(BackendError::BlockSizeTooSmall {
+            return Err(StorageError::BlockSizeTooSmall {
                 path: path.into(),
                 need: self.dio_offset_align,
                 have: logical_block_size,
@@ -163,7 +163,7 @@ impl Backend {
         Ok(())
     }
 
-    pub fn kind(&self) -> BackendKind {
+    pub fn kind(&self) -> StorageKind {
         self.kind
     }
 

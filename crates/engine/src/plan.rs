@@ -1,0 +1,144 @@
+//! Planning a batch: reads and writes sorted and merged into vectored ops, flushes held for
+//! the earlier writes of their queue, discards and write-zeroes as one fallocate per range.
+
+use blk_proto::RequestKind;
+
+use crate::bounce::{gather_from_iovecs, BounceBuffer};
+use crate::merge::{self, RwItem};
+use crate::op::{Op, OpKind, Unsupported};
+use crate::{Engine, EngineError};
+
+impl Engine {
+    /// Issues everything enqueued since the last call (`submit_batch` SQEs per
+    /// `io_uring_enter`, the whole batch in one by default).
+    pub fn submit(&mut self) -> Result<(), EngineError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        for &key in &batch {
+            let f = &self.inflight[key];
+            match f.req.kind {
+                RequestKind::Read | RequestKind::Write => self.rw_items.push(RwItem {
+                    write: f.req.kind == RequestKind::Write,
+                    sector: f.req.sector,
+                    len: f.req.data_len,
+                    iovecs: f.req.iovecs.len() as u32,
+                    key,
+                    mergeable: !f.needs_bounce,
+                }),
+                RequestKind::Flush => {
+                    // The writes drained before the flush go to the ring first; the flush
+                    // itself follows once they (and every earlier write of its queue) are done.
+                    self.emit_reads_writes();
+                    if self.order.release(key) {
+                        self.issue_flush(key);
+                    }
+                }
+                RequestKind::Discard | RequestKind::WriteZeroes => self.emit_fallocates(key),
+                RequestKind::GetId => unreachable!("GET_ID completes in enqueue"),
+            }
+        }
+        self.emit_reads_writes();
+        self.batch = batch;
+        self.batch.clear();
+        self.ring.enter(false, 0).map_err(EngineError::Enter)
+    }
+
+    pub(crate) fn issue_flush(&mut self, key: usize) {
+        let op = self.new_op(OpKind::Flush, 0, key);
+        self.push_op(op);
+    }
+
+    /// A pooled op, reset for `kind` at `offset`, carrying no request yet.
+    pub(crate) fn take_op(&mut self, kind: OpKind, offset: u64) -> Op {
+        let mut op = self.op_pool.pop().unwrap_or_else(Op::new);
+        op.kind = kind;
+        op.offset = offset;
+        op.remaining = 0;
+        op
+    }
+
+    pub(crate) fn new_op(&mut self, kind: OpKind, offset: u64, key: usize) -> usize {
+        let mut op = self.take_op(kind, offset);
+        op.requests.push(key);
+        self.inflight[key].pending_ops += 1;
+        self.ops.insert(op)
+    }
+
+    pub(crate) fn emit_fallocates(&mut self, key: usize) {
+        let f = &self.inflight[key];
+        let discard = f.req.kind == RequestKind::Discard;
+        let nranges = f.req.ranges.len();
+        for i in 0..nranges {
+            let r = self.inflight[key].req.ranges[i];
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+            let (mode, unsupported) = if discard {
+                (punch, Unsupported::Succeed)
+            } else if r.unmap {
+                (punch, Unsupported::Retry(zero))
+            } else {
+                // Without UNMAP keep the blocks allocated; a hole still reads as zeros.
+                (zero, Unsupported::Retry(punch))
+            };
+            let kind = OpKind::Fallocate {
+                mode,
+                len: u64::from(r.num_sectors) << 9,
+                unsupported,
+            };
+            let op = self.new_op(kind, r.sector << 9, key);
+            self.push_op(op);
+        }
+    }
+
+    pub(crate) fn emit_reads_writes(&mut self) {
+        if self.rw_items.is_empty() {
+            return;
+        }
+        merge::plan(&mut self.rw_items, &self.cfg.merge, &mut self.groups);
+        for g in 0..self.groups.len() {
+            let (start, end) = self.groups[g];
+            let first = self.rw_items[start];
+            let kind = if first.write {
+                OpKind::Write
+            } else {
+                OpKind::Read
+            };
+            let mut op = self.take_op(kind, first.sector << 9);
+            for it in &self.rw_items[start..end] {
+                let f = &mut self.inflight[it.key];
+                f.pending_ops += 1;
+                op.requests.push(it.key);
+                op.remaining += u64::from(f.req.data_len);
+                if !f.needs_bounce {
+                    op.iovecs.extend_from_slice(&f.req.iovecs);
+                }
+            }
+            if end - start > 1 {
+                if let Some(s) = self.stats.get_mut(self.inflight[first.key].queue as usize) {
+                    s.merged += (end - start - 1) as u64;
+                }
+            }
+            if !first.mergeable {
+                let len = op.remaining as usize;
+                let pos = self.bounce_pool.iter().position(|b| b.capacity() >= len);
+                let bounce = match pos {
+                    Some(i) => self.bounce_pool.swap_remove(i),
+                    None => BounceBuffer::new(len),
+                };
+                if first.write {
+                    gather_from_iovecs(&self.inflight[first.key].req.iovecs, &bounce, len);
+                }
+                op.iovecs.push(libc::iovec {
+                    iov_base: bounce.ptr.as_ptr().cast(),
+                    iov_len: len,
+                });
+                op.bounce = Some(bounce);
+            }
+            let key = self.ops.insert(op);
+            self.push_op(key);
+        }
+        self.rw_items.clear();
+    }
+}
