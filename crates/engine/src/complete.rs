@@ -8,10 +8,14 @@ use std::time::{Duration, Instant};
 use blk_proto::{RequestKind, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 use crate::bounce::{scatter_to_iovecs, BOUNCE_POOL};
+use crate::dispatch::Lane;
 use crate::iovec::{advance_iovecs, ranges_bytes, write_status};
-use crate::op::{OpKind, Unsupported};
 use crate::stats::StatKind;
+use crate::storage::IoKind;
 use crate::{Completion, Engine, EngineError};
+
+/// EAGAIN / EINTR resubmissions of one op before it fails with IOERR.
+pub(crate) const MAX_RETRIES: u32 = 100;
 
 impl Engine {
     /// Resets the completion eventfd after it woke the thread. Separate from [`Engine::reap`]
@@ -28,16 +32,21 @@ impl Engine {
         };
     }
 
-    /// Collects every available CQE, finishing ops and requests. Completions accumulate until
-    /// taken with [`Engine::take_completions`].
+    /// Collects every available completion (CQEs of the ring, results of an external
+    /// backend), finishing ops and requests. Completions accumulate until taken with
+    /// [`Engine::take_completions`]. A failing io_uring_enter is returned, but only after
+    /// every CQE already in the CQ has been handled: nothing reaped is dropped.
     pub fn reap(&mut self) -> Result<(), EngineError> {
         self.refill_from_backlog();
+        if self.in_external > 0 {
+            self.reap_external();
+        }
         if self.in_ring == 0 {
             return Ok(());
         }
         // Submits what is queued and, under DEFER/COOP_TASKRUN, has the kernel post the
         // completions it holds: one syscall, and none when there is nothing to do.
-        self.ring.enter(true, 0).map_err(EngineError::Enter)?;
+        let mut result = self.ring.enter(true, 0).map_err(EngineError::Enter);
         loop {
             self.cqes.clear();
             self.ring.take_cqes(&mut self.cqes);
@@ -48,27 +57,52 @@ impl Engine {
             self.in_ring -= self.cqes.len().min(self.in_ring);
             for i in 0..self.cqes.len() {
                 let (key, res) = self.cqes[i];
-                self.on_cqe(key as usize, res);
+                self.on_cqe(key, res);
             }
             self.refill_from_backlog();
-            self.ring.enter(true, 0).map_err(EngineError::Enter)?;
+            if let Err(e) = self.ring.enter(true, 0) {
+                result = Err(EngineError::Enter(e));
+            }
         }
-        Ok(())
+        result
     }
 
-    /// Handles one CQE.
-    pub(crate) fn on_cqe(&mut self, key: usize, res: i32) {
+    /// Handles what the external backend reported (ops it restarts report again later).
+    fn reap_external(&mut self) {
+        let Lane::External(_, done) = &self.lane else {
+            return;
+        };
+        let done = done.clone();
+        self.cqes.clear();
+        done.take(&mut self.cqes);
+        if self.cqes.is_empty() {
+            return;
+        }
+        self.clock = Instant::now();
+        self.in_external -= self.cqes.len().min(self.in_external);
+        for i in 0..self.cqes.len() {
+            let (key, res) = self.cqes[i];
+            self.on_cqe(key, res);
+        }
+    }
+
+    /// Handles one completion: `res` as a CQE's (bytes, 0 or -errno).
+    pub(crate) fn on_cqe(&mut self, user_data: u64, res: i32) {
+        let key = user_data as usize;
         let Some(op) = self.ops.get_mut(key) else {
             log::error!("completion for unknown op {key}");
             return;
         };
         if res == -libc::EAGAIN || res == -libc::EINTR {
-            self.push_op(key);
-            return;
+            op.retries += 1;
+            if op.retries <= MAX_RETRIES {
+                self.push_op(key);
+                return;
+            }
         }
         let mut error = None;
         match op.kind {
-            OpKind::Read | OpKind::Write if res >= 0 => {
+            IoKind::Read | IoKind::Write if res >= 0 => {
                 let n = res as u64;
                 if n < op.remaining {
                     if n == 0 {
@@ -83,24 +117,14 @@ impl Engine {
                     }
                 }
             }
-            OpKind::Fallocate {
-                mode,
-                len,
-                unsupported,
-            } if res == -libc::EOPNOTSUPP => match unsupported {
-                Unsupported::Retry(other) => {
-                    op.kind = OpKind::Fallocate {
-                        mode: other,
-                        len,
-                        unsupported: Unsupported::Fail,
-                    };
-                    log::debug!("fallocate mode {mode:#x} unsupported, trying {other:#x}");
-                    self.push_op(key);
-                    return;
-                }
-                Unsupported::Succeed => {}
-                Unsupported::Fail => error = Some(libc::EOPNOTSUPP),
-            },
+            // Discard is a hint: leaving the data in place is a valid discard.
+            IoKind::Discard if res == -libc::EOPNOTSUPP => {}
+            IoKind::WriteZeroes { unmap } if res == -libc::EOPNOTSUPP && !op.alternate => {
+                log::debug!("write-zeroes (unmap {unmap}) unsupported, trying the other way");
+                op.alternate = true;
+                self.push_op(key);
+                return;
+            }
             _ if res < 0 => error = Some(-res),
             _ => {}
         }
@@ -123,7 +147,7 @@ impl Engine {
             }
         }
         if let Some(bounce) = op.bounce.take() {
-            if error.is_none() && op.kind == OpKind::Read {
+            if error.is_none() && op.kind == IoKind::Read {
                 if let Some(&rk) = op.requests.first() {
                     let f = &self.inflight[rk];
                     scatter_to_iovecs(&f.req.iovecs, &bounce, f.req.data_len as usize);
@@ -184,23 +208,57 @@ impl Engine {
     }
 
     /// Blocks until every request in flight has completed (stop, disconnect, shutdown), or
-    /// `timeout` has passed. Call it on the ring's owner thread.
+    /// `timeout` has passed: Err(Timeout) then, saying how many are left. Call it on the
+    /// ring's owner thread.
     pub fn wait_idle(&mut self, timeout: Duration) -> Result<(), EngineError> {
         let start = Instant::now();
-        self.submit()?;
-        while !self.ops.is_empty() || !self.inflight.is_empty() {
+        let mut last_error = self.submit().err();
+        while !self.inflight.is_empty() {
             let waited = start.elapsed();
             if waited >= timeout {
                 return Err(EngineError::Timeout {
+                    requests: self.inflight.len(),
                     ops: self.ops.len(),
                     waited,
+                    cause: last_error.map(|e| e.to_string()).unwrap_or_default(),
                 });
             }
-            self.refill_from_backlog();
             let slice = (timeout - waited).min(Duration::from_millis(100));
-            self.ring.wait_one(slice).map_err(EngineError::Enter)?;
-            self.reap()?;
+            if self.in_ring > 0 {
+                // Both kinds in flight: come back soon for the external ones.
+                let slice = if self.in_external > 0 {
+                    slice.min(Duration::from_millis(1))
+                } else {
+                    slice
+                };
+                if let Err(e) = self.ring.wait_one(slice) {
+                    // Do not spin on a broken ring; the deadline still holds.
+                    std::thread::sleep(slice.min(Duration::from_millis(10)));
+                    last_error = Some(EngineError::Enter(e));
+                }
+            } else if self.in_external > 0 {
+                self.wait_eventfd(slice);
+            } else if self.ops.is_empty() && self.backlog.is_empty() && self.batch.is_empty() {
+                // Requests in flight with no op to finish them: nothing will.
+                return Err(EngineError::Stranded(self.inflight.len()));
+            }
+            if let Err(e) = self.reap() {
+                last_error = Some(e);
+            }
         }
         Ok(())
+    }
+
+    /// Waits up to `timeout` for the completion eventfd (an external backend's results).
+    pub(crate) fn wait_eventfd(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.eventfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one pollfd we own, and the count says one.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        self.clear_eventfd();
     }
 }

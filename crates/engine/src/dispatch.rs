@@ -1,43 +1,41 @@
-//! Getting ops to the kernel: onto the ring while its CQ has room, into the backlog beyond.
+//! Handing planned ops to the storage backend: the ring's (file, block device) or an external
+//! backend's, whose results come back through the completion queue.
 
+use crate::storage::ExternalStorage;
 use crate::Engine;
 
+/// Where this engine's ops go.
+pub(crate) enum Lane {
+    /// The engine's own ring (file, block device).
+    Ring,
+    /// An external backend, reporting to this engine's completion queue.
+    External(
+        std::sync::Arc<dyn ExternalStorage>,
+        std::sync::Arc<crate::storage::CompletionQueue>,
+    ),
+    /// Nothing to do I/O on (the null backend: requests complete in enqueue).
+    None,
+}
+
 impl Engine {
-    /// Puts an op on the ring, or in the backlog while the ring holds as many ops as its CQ
-    /// has room for. Never fails: what cannot go now goes later.
+    /// Hands an op to its backend. Never loses it: an op that cannot go now waits in the
+    /// backlog.
     pub(crate) fn push_op(&mut self, key: usize) {
-        if self.in_ring >= self.ring_capacity {
-            self.backlog.push_back(key);
+        match &self.lane {
+            Lane::Ring => self.push_to_ring(key),
+            Lane::External(..) => self.start_external(key),
+            Lane::None => self.finish_op(key, Some(libc::EIO)),
+        }
+    }
+
+    fn start_external(&mut self, key: usize) {
+        let Lane::External(backend, done) = &self.lane else {
             return;
-        }
-        let (entry, fixed) = self.sqe(key);
-        // The SQE points at `op.iovecs`' heap buffer and the buffers it lists: guest memory
-        // the vhost-server keeps mapped while requests are in flight, or this op's bounce
-        // buffer. Ops leave the slab only in `finish_op`, after their CQE.
-        // SAFETY: so neither is freed or moved before the kernel is done with them.
-        let mut pushed = unsafe { self.ring.push(&entry) };
-        if !pushed {
-            // The SQ is full: hand what is there to the kernel and retry.
-            if let Err(e) = self.ring.enter(false, 0) {
-                log::error!("io_uring_enter failed: {e}");
-            }
-            // SAFETY: as above.
-            pushed = unsafe { self.ring.push(&entry) };
-        }
-        if !pushed {
-            self.backlog.push_back(key);
-            return;
-        }
-        self.in_ring += 1;
-        match fixed {
-            Some(true) => self.io_fixed += 1,
-            Some(false) => self.io_plain += 1,
-            None => {}
-        }
-        if self.cfg.submit_batch > 0 && self.ring.pending() >= self.cfg.submit_batch {
-            if let Err(e) = self.ring.enter(false, 0) {
-                log::error!("io_uring_enter failed: {e}");
-            }
+        };
+        let op = &self.ops[key];
+        match backend.start(&op.io(key), done) {
+            Ok(()) => self.in_external += 1,
+            Err(errno) => self.finish_op(key, Some(errno)),
         }
     }
 

@@ -16,10 +16,10 @@
 //! No more ops are in the ring than its CQ holds, so the CQ never overflows: the rest wait in
 //! a backlog and follow as completions free room.
 
-//! Files, in the order of a request's path: [`intake`] (enqueue), [`plan`] (merge, order,
-//! batch), [`dispatch`] (ring or backlog), [`sqe`] (op to SQE), [`complete`] (CQEs, retries,
-//! status bytes); [`op`] holds the units of work, [`bounce`] the O_DIRECT bounce buffers,
-//! [`storage`] where the data lives.
+//! Files, in the order of a request's path: `intake` (enqueue), `plan` (merge, order,
+//! batch), `dispatch` (op to its backend), `uring` (op to SQE, ring or backlog), `complete`
+//! (CQEs and external results, retries, status bytes); `op` holds the units of work, `bounce`
+//! the O_DIRECT bounce buffers, [`storage`] the backends and their interface.
 
 mod bounce;
 mod complete;
@@ -33,9 +33,9 @@ mod op;
 mod order;
 mod plan;
 pub mod ring;
-mod sqe;
 pub mod stats;
 pub mod storage;
+mod uring;
 
 use std::collections::VecDeque;
 use std::io;
@@ -53,11 +53,13 @@ pub use stats::{QueueStats, StatKind};
 pub use storage::{ImageOptions, Storage, StorageError, StorageKind};
 
 use bounce::BounceBuffer;
+use dispatch::Lane;
 use fixed::FixedBuffers;
 use merge::RwItem;
 use op::{InFlight, Op};
 use order::FlushOrder;
 use ring::{Ring, RingParams};
+use storage::CompletionQueue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -69,8 +71,16 @@ pub enum EngineError {
     Enter(io::Error),
     #[error("the ring cannot move to another thread with {0} ops in flight")]
     RingBusy(usize),
-    #[error("{ops} ops still in flight after {waited:?}")]
-    Timeout { ops: usize, waited: Duration },
+    #[error("{requests} requests ({ops} ops) still in flight after {waited:?} {cause}")]
+    Timeout {
+        requests: usize,
+        ops: usize,
+        waited: Duration,
+        /// The last error met while waiting, if any.
+        cause: String,
+    },
+    #[error("{0} requests in flight with no op left to complete them")]
+    Stranded(usize),
 }
 
 /// A request whose status byte is written: the vhost-server puts it on the used ring.
@@ -105,6 +115,9 @@ pub struct Engine {
     errors_logged: u64,
     /// Ops pushed to the ring and not reaped yet; at most `ring_capacity`.
     in_ring: usize,
+    /// Ops started on an external backend and not reaped yet.
+    in_external: usize,
+    lane: Lane,
     ring_capacity: usize,
     /// Ops ready to go while the ring is at capacity, oldest first.
     backlog: VecDeque<usize>,
@@ -154,6 +167,14 @@ impl Engine {
         // at start-up; an iothread builds its own with `adopt_current_thread`.
         let ring = Ring::new(&ring_params).map_err(EngineError::Ring)?;
         let ring_capacity = ring.cq_entries();
+        let lane = match (storage.kind(), storage.external_backend()) {
+            (StorageKind::Null, _) => Lane::None,
+            (_, Some(external)) => {
+                let fd = eventfd.try_clone().map_err(EngineError::EventFd)?;
+                Lane::External(external.clone(), Arc::new(CompletionQueue::new(fd)))
+            }
+            (_, None) => Lane::Ring,
+        };
         let request_pool = (0..cfg.max_requests)
             .map(|_| Request::with_capacity(cfg.max_iovecs_per_request, cfg.max_ranges_per_request))
             .collect();
@@ -163,6 +184,8 @@ impl Engine {
             ring_params,
             counters_before: RingCounters::default(),
             in_ring: 0,
+            in_external: 0,
+            lane,
             ring_capacity,
             backlog: VecDeque::new(),
             order: FlushOrder::new(cfg.num_queues),

@@ -1,11 +1,14 @@
 //! Planning a batch: reads and writes sorted and merged into vectored ops, flushes held for
 //! the earlier writes of their queue, discards and write-zeroes as one fallocate per range.
 
+use std::sync::atomic::Ordering;
+
 use blk_proto::RequestKind;
 
 use crate::bounce::{gather_from_iovecs, BounceBuffer};
 use crate::merge::{self, RwItem};
-use crate::op::{Op, OpKind, Unsupported};
+use crate::op::Op;
+use crate::storage::IoKind;
 use crate::{Engine, EngineError};
 
 impl Engine {
@@ -46,48 +49,50 @@ impl Engine {
     }
 
     pub(crate) fn issue_flush(&mut self, key: usize) {
-        let op = self.new_op(OpKind::Flush, 0, key);
+        let op = self.new_op(IoKind::Flush, 0, key);
         self.push_op(op);
     }
 
     /// A pooled op, reset for `kind` at `offset`, carrying no request yet.
-    pub(crate) fn take_op(&mut self, kind: OpKind, offset: u64) -> Op {
+    pub(crate) fn take_op(&mut self, kind: IoKind, offset: u64) -> Op {
         let mut op = self.op_pool.pop().unwrap_or_else(Op::new);
         op.kind = kind;
         op.offset = offset;
         op.remaining = 0;
+        op.dsync = false;
+        op.sync_after = false;
+        op.alternate = false;
+        op.retries = 0;
+        op.first_result = None;
         op
     }
 
-    pub(crate) fn new_op(&mut self, kind: OpKind, offset: u64, key: usize) -> usize {
+    /// The write cache is off: write-type ops are durable before they complete.
+    pub(crate) fn writethrough(&self) -> bool {
+        !self.cfg.writeback.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn new_op(&mut self, kind: IoKind, offset: u64, key: usize) -> usize {
         let mut op = self.take_op(kind, offset);
         op.requests.push(key);
         self.inflight[key].pending_ops += 1;
         self.ops.insert(op)
     }
 
+    /// One op per range of a discard or write-zeroes request.
     pub(crate) fn emit_fallocates(&mut self, key: usize) {
         let f = &self.inflight[key];
         let discard = f.req.kind == RequestKind::Discard;
         let nranges = f.req.ranges.len();
         for i in 0..nranges {
             let r = self.inflight[key].req.ranges[i];
-            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-            let (mode, unsupported) = if discard {
-                (punch, Unsupported::Succeed)
-            } else if r.unmap {
-                (punch, Unsupported::Retry(zero))
+            let kind = if discard {
+                IoKind::Discard
             } else {
-                // Without UNMAP keep the blocks allocated; a hole still reads as zeros.
-                (zero, Unsupported::Retry(punch))
-            };
-            let kind = OpKind::Fallocate {
-                mode,
-                len: u64::from(r.num_sectors) << 9,
-                unsupported,
+                IoKind::WriteZeroes { unmap: r.unmap }
             };
             let op = self.new_op(kind, r.sector << 9, key);
+            self.ops[op].remaining = u64::from(r.num_sectors) << 9;
             self.push_op(op);
         }
     }
@@ -101,11 +106,12 @@ impl Engine {
             let (start, end) = self.groups[g];
             let first = self.rw_items[start];
             let kind = if first.write {
-                OpKind::Write
+                IoKind::Write
             } else {
-                OpKind::Read
+                IoKind::Read
             };
             let mut op = self.take_op(kind, first.sector << 9);
+            op.dsync = first.write && self.writethrough();
             for it in &self.rw_items[start..end] {
                 let f = &mut self.inflight[it.key];
                 f.pending_ops += 1;

@@ -1,11 +1,24 @@
-//! Where the data lives: a regular file, a block device, or nothing at all (the null backend,
-//! which completes I/O without touching a disk so that the dataplane alone can be measured).
+//! Where the data lives, behind one interface: the engine plans ops ([`IoOp`]) and a storage
+//! backend carries them out. A regular file or a block device: the engine's own ring does the
+//! I/O (`crate::uring` builds the SQEs). The null backend: nothing at all (requests complete
+//! inline, so that the dataplane alone can be measured). An [`ExternalStorage`] (the
+//! fault-injecting [`FaultStorage`], later Ceph RBD): ops are handed over and their results
+//! come back through the engine's completion eventfd.
+
+mod external;
+mod fault;
+mod op;
+
+pub use external::{CompletionQueue, ExternalStorage};
+pub use fault::{Fault, FaultRule, FaultStorage, OpRecord};
+pub use op::{IoKind, IoOp};
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -31,6 +44,8 @@ pub enum StorageKind {
     File,
     BlockDevice,
     Null,
+    /// Ops go to an [`ExternalStorage`].
+    External,
 }
 
 /// How to open an image.
@@ -43,10 +58,11 @@ pub struct ImageOptions {
     pub create_size: Option<u64>,
 }
 
-/// An opened backend. Shared read-only by every iothread (each has its own ring).
+/// An opened storage backend. Shared read-only by every iothread (each has its own ring).
 #[derive(Debug)]
 pub struct Storage {
     file: Option<File>,
+    external: Option<Arc<dyn ExternalStorage>>,
     kind: StorageKind,
     capacity: u64,
     direct: bool,
@@ -61,12 +77,32 @@ impl Storage {
     pub fn null(capacity: u64) -> Storage {
         Storage {
             file: None,
+            external: None,
             kind: StorageKind::Null,
             capacity,
             direct: false,
             dio_mem_align: 1,
             dio_offset_align: 1,
         }
+    }
+
+    /// A backend that runs ops itself, `capacity` bytes large.
+    pub fn external(external: Arc<dyn ExternalStorage>, capacity: u64) -> Storage {
+        Storage {
+            file: None,
+            external: Some(external),
+            kind: StorageKind::External,
+            capacity,
+            direct: false,
+            dio_mem_align: 1,
+            dio_offset_align: 1,
+        }
+    }
+
+    /// The fault-injecting test backend.
+    pub fn fault(fault: Arc<FaultStorage>) -> Storage {
+        let capacity = fault.capacity();
+        Storage::external(fault, capacity)
     }
 
     pub fn open(path: &Path, opts: &ImageOptions) -> Result<Storage, StorageError> {
@@ -125,6 +161,7 @@ impl Storage {
         };
         Ok(Storage {
             file: Some(file),
+            external: None,
             kind,
             capacity,
             direct: opts.direct,
@@ -139,6 +176,7 @@ impl Storage {
     pub(crate) fn from_file_for_tests(file: File, capacity: u64) -> Storage {
         Storage {
             file: Some(file),
+            external: None,
             kind: StorageKind::File,
             capacity,
             direct: false,
@@ -183,11 +221,16 @@ impl Storage {
         self.file.as_ref().map(|f| f.as_raw_fd())
     }
 
+    pub(crate) fn external_backend(&self) -> Option<&Arc<dyn ExternalStorage>> {
+        self.external.as_ref()
+    }
+
     /// Makes everything written so far durable (used at shutdown).
     pub fn sync(&self) -> io::Result<()> {
-        match &self.file {
-            Some(f) => f.sync_data(),
-            None => Ok(()),
+        match (&self.file, &self.external) {
+            (Some(f), _) => f.sync_data(),
+            (None, Some(e)) => e.sync(),
+            (None, None) => Ok(()),
         }
     }
 }

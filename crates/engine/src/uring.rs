@@ -1,0 +1,128 @@
+//! Ring storage (regular files and block devices): an op becomes its SQE on the engine's own
+//! ring, or waits in the backlog while the ring holds as many ops as its CQ has room for.
+
+use io_uring::{opcode, squeue, types};
+
+use crate::fixed;
+use crate::storage::IoKind;
+use crate::Engine;
+
+const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+/// The fallocate mode of a discard or write-zeroes op (`alternate`: after EOPNOTSUPP).
+fn fallocate_mode(kind: IoKind, alternate: bool) -> i32 {
+    match (kind, alternate) {
+        (IoKind::WriteZeroes { unmap: true }, true) => ZERO,
+        // Without UNMAP keep the blocks allocated; a hole still reads as zeros.
+        (IoKind::WriteZeroes { unmap: false }, false) => ZERO,
+        _ => PUNCH,
+    }
+}
+
+impl Engine {
+    /// The SQE of an op, and for reads and writes whether it uses a fixed buffer.
+    pub(crate) fn sqe(&self, key: usize) -> (squeue::Entry, Option<bool>) {
+        let op = &self.ops[key];
+        debug_assert!(
+            self.storage.raw_fd().is_some(),
+            "the null backend completes requests inline"
+        );
+        // Index 0 of the files registered with the ring: the backend's fd.
+        let fd = types::Fixed(0);
+        let (entry, fixed) = match op.kind {
+            IoKind::Read | IoKind::Write => {
+                let write = op.kind == IoKind::Write;
+                let flags = if op.dsync { libc::RWF_DSYNC } else { 0 };
+                // A bounce buffer is not guest memory: never in the table.
+                let slot = match op.bounce {
+                    None => self.fixed.slot_of(&op.iovecs),
+                    Some(_) => None,
+                };
+                let n = op.iovecs.len() as u32;
+                let entry = match (slot, n) {
+                    (Some(slot), 1) => {
+                        let v = op.iovecs[0];
+                        if write {
+                            opcode::WriteFixed::new(fd, v.iov_base.cast(), v.iov_len as u32, slot)
+                                .offset(op.offset)
+                                .rw_flags(flags)
+                                .build()
+                        } else {
+                            opcode::ReadFixed::new(fd, v.iov_base.cast(), v.iov_len as u32, slot)
+                                .offset(op.offset)
+                                .build()
+                        }
+                    }
+                    _ if write => opcode::Writev::new(fd, op.iovecs.as_ptr(), n)
+                        .offset(op.offset)
+                        .rw_flags(flags)
+                        .build(),
+                    _ => opcode::Readv::new(fd, op.iovecs.as_ptr(), n)
+                        .offset(op.offset)
+                        .build(),
+                };
+                match slot {
+                    Some(_) if n == 1 => (entry, Some(true)),
+                    Some(slot) if self.ring.vectored_fixed() => {
+                        (fixed::vectored_fixed(entry, write, slot), Some(true))
+                    }
+                    _ => (entry, Some(false)),
+                }
+            }
+            IoKind::Flush => (
+                opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+                None,
+            ),
+            // Block devices take these as fallocate too (the kernel zeroes the range).
+            IoKind::Discard | IoKind::WriteZeroes { .. } => (
+                opcode::Fallocate::new(fd, op.remaining)
+                    .offset(op.offset)
+                    .mode(fallocate_mode(op.kind, op.alternate))
+                    .build(),
+                None,
+            ),
+        };
+        (entry.user_data(key as u64), fixed)
+    }
+
+    /// Puts an op on the ring, or in the backlog while the ring holds as many ops as its CQ
+    /// has room for. Never fails: what cannot go now goes later.
+    pub(crate) fn push_to_ring(&mut self, key: usize) {
+        if self.in_ring >= self.ring_capacity {
+            self.backlog.push_back(key);
+            return;
+        }
+        let (entry, fixed) = self.sqe(key);
+        // The SQE points at `op.iovecs`' heap buffer and the buffers it lists: guest memory
+        // the vhost-server keeps mapped while requests are in flight, or this op's bounce
+        // buffer. Ops leave the slab only in `finish_op`, after their CQE.
+        // SAFETY: so neither is freed or moved before the kernel is done with them.
+        let mut pushed = unsafe { self.ring.push(&entry) };
+        if !pushed {
+            // The SQ is full: hand what is there to the kernel and retry.
+            if let Err(e) = self.ring.enter(false, 0) {
+                log::error!("io_uring_enter failed: {e}");
+            }
+            // SAFETY: as above.
+            pushed = unsafe { self.ring.push(&entry) };
+        }
+        if !pushed {
+            self.backlog.push_back(key);
+            return;
+        }
+        self.in_ring += 1;
+        match fixed {
+            Some(true) => self.io_fixed += 1,
+            Some(false) => self.io_plain += 1,
+            None => {}
+        }
+        if self.cfg.submit_batch > 0 && self.ring.pending() >= self.cfg.submit_batch {
+            if let Err(e) = self.ring.enter(false, 0) {
+                log::error!("io_uring_enter failed: {e}");
+            }
+        }
+    }
+}
