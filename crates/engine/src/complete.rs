@@ -134,15 +134,13 @@ impl Engine {
     pub(crate) fn finish_op(&mut self, key: usize, error: Option<i32>) {
         let mut op = self.ops.remove(key);
         if let Some(errno) = error {
-            self.errors_logged += 1;
-            // A failing disk fails every request: log the first ones and then every 1000th.
-            if self.errors_logged <= 10 || self.errors_logged.is_multiple_of(1000) {
+            if let Some(n) = self.op_errors.tick() {
                 log::error!(
-                    "{:?} at byte {} failed: {} (error #{})",
+                    "{:?} at byte {} failed: {}; its {} requests get IOERR (error #{n})",
                     op.kind,
                     op.offset,
                     io::Error::from_raw_os_error(errno),
-                    self.errors_logged
+                    op.requests.len(),
                 );
             }
         }

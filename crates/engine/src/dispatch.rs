@@ -39,9 +39,13 @@ impl Engine {
         }
     }
 
-    /// Moves backlogged ops to the ring while it has room.
+    /// Moves backlogged ops to the ring while it has room (each at most once per call: one
+    /// the ring does not take goes back to the end).
     pub(crate) fn refill_from_backlog(&mut self) {
-        while self.in_ring < self.ring_capacity {
+        for _ in 0..self.backlog.len() {
+            if self.in_ring >= self.ring_capacity {
+                break;
+            }
             let Some(key) = self.backlog.pop_front() else {
                 break;
             };

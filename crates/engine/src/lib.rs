@@ -32,6 +32,7 @@ pub mod merge;
 mod op;
 mod order;
 mod plan;
+mod ratelog;
 pub mod ring;
 pub mod stats;
 pub mod storage;
@@ -58,6 +59,7 @@ use fixed::FixedBuffers;
 use merge::RwItem;
 use op::{InFlight, Op};
 use order::FlushOrder;
+use ratelog::RateLimited;
 use ring::{Ring, RingParams};
 use storage::CompletionQueue;
 
@@ -112,7 +114,9 @@ pub struct Engine {
     cqes: Vec<(u64, i32)>,
     completions: Vec<Completion>,
     stats: Vec<QueueStats>,
-    errors_logged: u64,
+    /// Failed ops, and failed io_uring_enter calls, logged at a bounded rate.
+    op_errors: RateLimited,
+    enter_errors: RateLimited,
     /// Ops pushed to the ring and not reaped yet; at most `ring_capacity`.
     in_ring: usize,
     /// Ops started on an external backend and not reaped yet.
@@ -212,7 +216,8 @@ impl Engine {
             stats: (0..cfg.num_queues).map(|_| QueueStats::default()).collect(),
             request_pool,
             cfg,
-            errors_logged: 0,
+            op_errors: RateLimited::default(),
+            enter_errors: RateLimited::default(),
         })
     }
 

@@ -45,7 +45,12 @@ impl Engine {
         self.emit_reads_writes();
         self.batch = batch;
         self.batch.clear();
-        self.ring.enter(false, 0).map_err(EngineError::Enter)
+        // Every op of the batch is on the ring, in the backlog or failed by now; an error here
+        // leaves the SQEs queued for the next io_uring_enter.
+        self.ring.enter(false, 0).map_err(|e| {
+            self.log_enter_error(&e);
+            EngineError::Enter(e)
+        })
     }
 
     pub(crate) fn issue_flush(&mut self, key: usize) {

@@ -913,3 +913,131 @@ fn an_external_backend_gets_planned_ops_and_reports_through_the_eventfd() {
     );
     assert!(rec.iter().all(|r| !r.dsync), "the write cache is on");
 }
+
+#[test]
+fn an_op_the_backend_refuses_fails_its_requests_and_the_rest_of_the_batch_goes_on() {
+    let (mut e, fault) = fault_engine(true);
+    // Sectors 0..16 refuse to start: the two adjacent writes there merge into one op.
+    fault.inject(FaultRule::kinds(&[IoKind::Write], Fault::Reject(libc::EIO)).at(0..8192));
+    let mut bufs: Vec<Buf> = (0..3).map(|_| Buf::new(4096)).collect();
+    let mut sts = [0u8; 3];
+    for (i, (b, s)) in bufs.iter_mut().zip(sts.iter_mut()).enumerate() {
+        b.slice().fill(0x30 + i as u8);
+        let sector = [0, 8, 64][i];
+        let r = request(&mut e, RequestKind::Write, sector, &mut [b], s);
+        e.enqueue(r, 0, i as u16);
+    }
+    let c = run_external(&mut e, 3);
+    assert_eq!(c.len(), 3, "no request stranded");
+    assert_eq!(
+        sts,
+        [VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK]
+    );
+    assert_eq!(e.in_flight(), 0);
+    assert!(
+        fault.bytes(0, 8192).iter().all(|&b| b == 0),
+        "nothing written"
+    );
+    assert!(fault.bytes(64 * 512, 4096).iter().all(|&b| b == 0x32));
+    assert_eq!(e.stats()[0].by_kind[StatKind::Write as usize].errors, 2);
+}
+
+#[test]
+fn eagain_is_retried_until_it_succeeds_and_bounded_when_it_never_does() {
+    let (mut e, fault) = fault_engine(true);
+    fault.inject(FaultRule::kinds(&[IoKind::Read], Fault::Errno(libc::EAGAIN)).times(3));
+    let mut b = Buf::new(4096);
+    let mut st = 0;
+    let r = request(&mut e, RequestKind::Read, 0, &mut [&mut b], &mut st);
+    e.enqueue(r, 0, 1);
+    run_external(&mut e, 1);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(fault.record().len(), 4, "three EAGAINs, then the read");
+    // EAGAIN forever: the request fails instead of spinning for good.
+    fault.inject(FaultRule::kinds(
+        &[IoKind::Read],
+        Fault::Errno(libc::EAGAIN),
+    ));
+    fault.clear_record();
+    let r = request(&mut e, RequestKind::Read, 0, &mut [&mut b], &mut st);
+    e.enqueue(r, 0, 2);
+    run_external(&mut e, 1);
+    assert_eq!(st, VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        fault.record().len(),
+        1 + crate::complete::MAX_RETRIES as usize
+    );
+}
+
+#[test]
+fn a_short_transfer_is_resubmitted_for_the_rest() {
+    for kind in [RequestKind::Write, RequestKind::Read] {
+        let (mut e, fault) = fault_engine(true);
+        let io = if kind == RequestKind::Write {
+            IoKind::Write
+        } else {
+            IoKind::Read
+        };
+        fault.inject(FaultRule::kinds(&[io], Fault::Short(5000)).times(2));
+        let mut b = Buf::new(16384);
+        for (i, x) in b.slice().iter_mut().enumerate() {
+            *x = (i % 253) as u8;
+        }
+        let want = b.slice().to_vec();
+        if kind == RequestKind::Read {
+            // Put the pattern on the disk first, then read it into a cleared buffer.
+            let mut w = Buf::new(16384);
+            w.slice().copy_from_slice(&want);
+            let mut st = 0;
+            let r = request(&mut e, RequestKind::Write, 8, &mut [&mut w], &mut st);
+            e.enqueue(r, 0, 0);
+            run_external(&mut e, 1);
+            b.slice().fill(0);
+            fault.clear_record();
+        }
+        let mut st = 0;
+        let r = request(&mut e, kind, 8, &mut [&mut b], &mut st);
+        e.enqueue(r, 0, 1);
+        run_external(&mut e, 1);
+        assert_eq!(st, VIRTIO_BLK_S_OK, "{kind:?}");
+        assert_eq!(
+            fault
+                .record()
+                .iter()
+                .map(|r| (r.offset, r.len))
+                .collect::<Vec<_>>(),
+            [
+                (4096, 16384),
+                (4096 + 5000, 16384 - 5000),
+                (4096 + 10000, 6384)
+            ],
+            "{kind:?}: each resubmission goes on where the last stopped"
+        );
+        assert_eq!(fault.bytes(4096, 16384), want, "{kind:?}");
+        assert_eq!(b.slice().to_vec(), want, "{kind:?}");
+    }
+}
+
+#[test]
+fn wait_idle_is_bounded_and_says_what_is_left() {
+    let (mut e, mut reader, _dir) = fifo_engine(config(true));
+    let mut data = Buf::new(MIB as usize);
+    let mut st = 0;
+    let w = request(&mut e, RequestKind::Write, 0, &mut [&mut data], &mut st);
+    e.enqueue(w, 0, 1);
+    let f = request(&mut e, RequestKind::Flush, 0, &mut [], &mut st);
+    e.enqueue(f, 0, 2);
+    let started = Instant::now();
+    match e.wait_idle(Duration::from_millis(200)) {
+        Err(EngineError::Timeout { requests, .. }) => assert_eq!(requests, 2),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let drain = std::thread::spawn(move || {
+        let mut sink = vec![0u8; MIB as usize];
+        reader.read_exact(&mut sink).unwrap();
+    });
+    e.wait_idle(Duration::from_secs(10)).unwrap();
+    drain.join().unwrap();
+    assert_eq!(e.take_completions().count(), 2);
+}

@@ -20,6 +20,9 @@ fn fallocate_mode(kind: IoKind, alternate: bool) -> i32 {
     }
 }
 
+/// CQEs an op's SQEs post.
+const CQES_PER_OP: usize = 1;
+
 impl Engine {
     /// The SQE of an op, and for reads and writes whether it uses a fixed buffer.
     pub(crate) fn sqe(&self, key: usize) -> (squeue::Entry, Option<bool>) {
@@ -89,9 +92,10 @@ impl Engine {
     }
 
     /// Puts an op on the ring, or in the backlog while the ring holds as many ops as its CQ
-    /// has room for. Never fails: what cannot go now goes later.
+    /// has room for. An op that cannot be pushed because the ring refuses to take SQEs
+    /// (io_uring_enter fails) completes its requests with IOERR at once.
     pub(crate) fn push_to_ring(&mut self, key: usize) {
-        if self.in_ring >= self.ring_capacity {
+        if self.in_ring + CQES_PER_OP > self.ring_capacity {
             self.backlog.push_back(key);
             return;
         }
@@ -104,25 +108,35 @@ impl Engine {
         if !pushed {
             // The SQ is full: hand what is there to the kernel and retry.
             if let Err(e) = self.ring.enter(false, 0) {
-                log::error!("io_uring_enter failed: {e}");
+                self.log_enter_error(&e);
+                self.finish_op(key, Some(libc::EIO));
+                return;
             }
             // SAFETY: as above.
             pushed = unsafe { self.ring.push(&entry) };
         }
         if !pushed {
+            // The kernel took nothing (EBUSY): try again after the next reap.
             self.backlog.push_back(key);
             return;
         }
-        self.in_ring += 1;
+        self.in_ring += CQES_PER_OP;
         match fixed {
             Some(true) => self.io_fixed += 1,
             Some(false) => self.io_plain += 1,
             None => {}
         }
         if self.cfg.submit_batch > 0 && self.ring.pending() >= self.cfg.submit_batch {
+            // On failure the SQEs stay queued and go with the next io_uring_enter.
             if let Err(e) = self.ring.enter(false, 0) {
-                log::error!("io_uring_enter failed: {e}");
+                self.log_enter_error(&e);
             }
+        }
+    }
+
+    pub(crate) fn log_enter_error(&mut self, e: &std::io::Error) {
+        if let Some(n) = self.enter_errors.tick() {
+            log::error!("io_uring_enter failed: {e} (failure #{n})");
         }
     }
 }
