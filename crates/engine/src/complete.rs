@@ -12,6 +12,7 @@ use crate::dispatch::Lane;
 use crate::iovec::{advance_iovecs, ranges_bytes, write_status};
 use crate::stats::StatKind;
 use crate::storage::IoKind;
+use crate::uring::LINKED_FIRST;
 use crate::{Completion, Engine, EngineError};
 
 /// EAGAIN / EINTR resubmissions of one op before it fails with IOERR.
@@ -88,10 +89,22 @@ impl Engine {
 
     /// Handles one completion: `res` as a CQE's (bytes, 0 or -errno).
     pub(crate) fn on_cqe(&mut self, user_data: u64, res: i32) {
-        let key = user_data as usize;
+        let key = (user_data & !LINKED_FIRST) as usize;
         let Some(op) = self.ops.get_mut(key) else {
             log::error!("completion for unknown op {key}");
             return;
+        };
+        if user_data & LINKED_FIRST != 0 {
+            // The op of a linked pair: its data sync's CQE follows (-ECANCELED if this failed).
+            op.first_result = Some(res);
+            return;
+        }
+        let res = match op.first_result.take() {
+            // The op failed: its error, not the cancelled sync's.
+            Some(first) if first < 0 => first,
+            // The op worked: the sync's result is the pair's.
+            Some(_) => res,
+            None => res,
         };
         if res == -libc::EAGAIN || res == -libc::EINTR {
             op.retries += 1;

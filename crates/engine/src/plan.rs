@@ -98,6 +98,8 @@ impl Engine {
             };
             let op = self.new_op(kind, r.sector << 9, key);
             self.ops[op].remaining = u64::from(r.num_sectors) << 9;
+            // Writethrough: durable before it completes, as a write with RWF_DSYNC is.
+            self.ops[op].sync_after = self.writethrough();
             self.push_op(op);
         }
     }

@@ -1041,3 +1041,106 @@ fn wait_idle_is_bounded_and_says_what_is_left() {
     drain.join().unwrap();
     assert_eq!(e.take_completions().count(), 2);
 }
+
+#[test]
+fn writethrough_fallocates_carry_a_linked_data_sync_on_the_ring() {
+    for (kind, unmap) in [
+        (RequestKind::Discard, false),
+        (RequestKind::WriteZeroes, false),
+        (RequestKind::WriteZeroes, true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wt.img");
+        std::fs::write(&path, vec![0x5a; MIB as usize]).unwrap();
+        let storage = Storage::open(
+            &path,
+            &ImageOptions {
+                read_only: false,
+                direct: false,
+                create_size: None,
+            },
+        )
+        .unwrap();
+        let mut e = Engine::new(Arc::new(storage), config(false)).unwrap();
+        let before = e.ring_counters().sqes;
+        let mut st = 0;
+        let mut r = request(&mut e, kind, 0, &mut [], &mut st);
+        r.ranges.push(Range {
+            sector: 8,
+            num_sectors: 16,
+            unmap,
+        });
+        e.enqueue(r, 0, 0);
+        run_to_completion(&mut e, 1);
+        assert_eq!(st, VIRTIO_BLK_S_OK, "{kind:?} unmap={unmap}");
+        assert_eq!(
+            e.ring_counters().sqes - before,
+            2,
+            "{kind:?}: the fallocate and its fdatasync"
+        );
+        assert!(file_bytes(&path, 4096, 8192).iter().all(|&b| b == 0));
+        assert!(file_bytes(&path, 0, 4096).iter().all(|&b| b == 0x5a));
+    }
+}
+
+#[test]
+fn writethrough_ops_report_a_failing_sync() {
+    let (mut e, fault) = fault_engine(false);
+    fault.inject(FaultRule::kinds(&[IoKind::Discard], Fault::FailSync));
+    let mut st = 0;
+    let mut r = request(&mut e, RequestKind::Discard, 0, &mut [], &mut st);
+    r.ranges.push(Range {
+        sector: 8,
+        num_sectors: 8,
+        unmap: false,
+    });
+    e.enqueue(r, 0, 0);
+    let mut data = Buf::new(4096);
+    let mut sw = 0;
+    let w = request(&mut e, RequestKind::Write, 64, &mut [&mut data], &mut sw);
+    e.enqueue(w, 0, 1);
+    run_external(&mut e, 2);
+    assert_eq!(st, VIRTIO_BLK_S_IOERR, "the discard's sync failed");
+    assert_eq!(sw, VIRTIO_BLK_S_OK);
+    let rec = fault.record();
+    assert!(rec
+        .iter()
+        .any(|r| r.kind == IoKind::Discard && r.sync_after));
+    assert!(rec.iter().any(|r| r.kind == IoKind::Write && r.dsync));
+}
+
+/// The rw_flags field of an SQE (io_uring_sqe bytes 28..32).
+fn sqe_rw_flags(entry: io_uring::squeue::Entry) -> u32 {
+    // SAFETY: squeue::Entry is #[repr(C)] over the 64-byte io_uring_sqe, built from zeroed
+    // bytes by the io-uring crate, so every byte is initialised.
+    let bytes: [u8; 64] = unsafe { std::mem::transmute(entry) };
+    u32::from_ne_bytes(bytes[28..32].try_into().unwrap())
+}
+
+#[test]
+fn writethrough_writes_carry_rwf_dsync_in_their_sqe_and_writeback_ones_do_not() {
+    for writeback in [false, true] {
+        // The FIFO holds the write in flight, so its op can be looked at.
+        let (mut e, mut reader, _dir) = fifo_engine(config(writeback));
+        let mut data = Buf::new(MIB as usize);
+        let mut st = 0;
+        let w = request(&mut e, RequestKind::Write, 0, &mut [&mut data], &mut st);
+        e.enqueue(w, 0, 1);
+        e.submit().unwrap();
+        let keys: Vec<usize> = e.ops.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys.len(), 1);
+        let flags = sqe_rw_flags(e.sqe(keys[0]).0);
+        assert_eq!(
+            flags & libc::RWF_DSYNC as u32 != 0,
+            !writeback,
+            "writeback={writeback}: rw_flags {flags:#x}"
+        );
+        let drain = std::thread::spawn(move || {
+            let mut sink = vec![0u8; MIB as usize];
+            reader.read_exact(&mut sink).unwrap();
+        });
+        run_to_completion(&mut e, 1);
+        drain.join().unwrap();
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+    }
+}

@@ -20,8 +20,9 @@ fn fallocate_mode(kind: IoKind, alternate: bool) -> i32 {
     }
 }
 
-/// CQEs an op's SQEs post.
-const CQES_PER_OP: usize = 1;
+/// Marks the user_data of the first SQE of a linked pair (an op and the data sync after it);
+/// the second carries the op's key alone.
+pub(crate) const LINKED_FIRST: u64 = 1 << 63;
 
 impl Engine {
     /// The SQE of an op, and for reads and writes whether it uses a fixed buffer.
@@ -95,16 +96,35 @@ impl Engine {
     /// has room for. An op that cannot be pushed because the ring refuses to take SQEs
     /// (io_uring_enter fails) completes its requests with IOERR at once.
     pub(crate) fn push_to_ring(&mut self, key: usize) {
-        if self.in_ring + CQES_PER_OP > self.ring_capacity {
+        let sync_after = self.ops[key].sync_after;
+        let cqes = if sync_after { 2 } else { 1 };
+        if self.in_ring + cqes > self.ring_capacity {
             self.backlog.push_back(key);
             return;
         }
         let (entry, fixed) = self.sqe(key);
+        let linked;
+        let entries: &[squeue::Entry] = if sync_after {
+            // The data sync runs only after the op succeeded (IO_LINK); either CQE's error is
+            // the op's (see on_cqe).
+            linked = [
+                entry
+                    .flags(squeue::Flags::IO_LINK)
+                    .user_data(key as u64 | LINKED_FIRST),
+                opcode::Fsync::new(types::Fixed(0))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(key as u64),
+            ];
+            &linked
+        } else {
+            std::slice::from_ref(&entry)
+        };
         // The SQE points at `op.iovecs`' heap buffer and the buffers it lists: guest memory
         // the vhost-server keeps mapped while requests are in flight, or this op's bounce
-        // buffer. Ops leave the slab only in `finish_op`, after their CQE.
+        // buffer. Ops leave the slab only in `finish_op`, after their last CQE.
         // SAFETY: so neither is freed or moved before the kernel is done with them.
-        let mut pushed = unsafe { self.ring.push(&entry) };
+        let mut pushed = unsafe { self.ring.push_all(entries) };
         if !pushed {
             // The SQ is full: hand what is there to the kernel and retry.
             if let Err(e) = self.ring.enter(false, 0) {
@@ -113,14 +133,14 @@ impl Engine {
                 return;
             }
             // SAFETY: as above.
-            pushed = unsafe { self.ring.push(&entry) };
+            pushed = unsafe { self.ring.push_all(entries) };
         }
         if !pushed {
             // The kernel took nothing (EBUSY): try again after the next reap.
             self.backlog.push_back(key);
             return;
         }
-        self.in_ring += CQES_PER_OP;
+        self.in_ring += cqes;
         match fixed {
             Some(true) => self.io_fixed += 1,
             Some(false) => self.io_plain += 1,
