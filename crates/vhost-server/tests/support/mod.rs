@@ -365,6 +365,19 @@ impl Device {
         event_idx: bool,
         poll: Duration,
     ) -> Device {
+        Device::with_cache(guest, storage, iothreads, layouts, event_idx, poll, true)
+    }
+
+    /// As [`Device::new`], starting with the write cache on (writeback) or off.
+    pub fn with_cache(
+        guest: &Guest,
+        storage: Arc<Storage>,
+        iothreads: usize,
+        layouts: &[QueueLayout],
+        event_idx: bool,
+        poll: Duration,
+        writeback: bool,
+    ) -> Device {
         let queue_size = layouts.iter().map(|l| l.size).max().expect("one queue");
         let queues = layouts.len();
         let backend = BlkBackend::new(
@@ -373,7 +386,7 @@ impl Device {
                 queue_size,
                 iothreads,
                 cpus: vec![],
-                writeback: true,
+                writeback,
                 merge: MergeLimits::default(),
                 poll,
                 submit_batch: 0,
