@@ -268,13 +268,13 @@ impl Ring {
         self.uring.params().cq_entries() as usize
     }
 
-    /// Queues one SQE; false when the SQ is full.
+    /// Queues linked SQEs, all or none; false when the SQ has no room for all of them.
     ///
     /// # Safety
-    /// Every buffer the entry points to must stay valid until its CQE is reaped.
-    pub(crate) unsafe fn push(&mut self, entry: &squeue::Entry) -> bool {
-        // SAFETY: the caller keeps the entry's buffers alive until completion.
-        unsafe { self.uring.submission().push(entry) }.is_ok()
+    /// Every buffer the entries point to must stay valid until their CQEs are reaped.
+    pub(crate) unsafe fn push_all(&mut self, entries: &[squeue::Entry]) -> bool {
+        // SAFETY: the caller keeps the entries' buffers alive until completion.
+        unsafe { self.uring.submission().push_multiple(entries) }.is_ok()
     }
 
     /// SQEs queued and not yet handed to the kernel.

@@ -107,6 +107,13 @@ pub struct Cli {
     #[arg(long, value_name = "KIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
     pub merge_max_kib: u64,
 
+    /// O_DIRECT bounce memory per iothread, in MiB: requests whose guest buffers miss the
+    /// image's DIO alignment are copied through aligned buffers drawn from this budget; one
+    /// that does not fit waits for memory to come back. A request larger than the whole budget
+    /// is still served, alone.
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub bounce_budget_mib: u64,
+
     /// Do not register guest memory with the rings as fixed buffers (plain READV/WRITEV,
     /// which pin the pages of every request anew).
     #[arg(long)]
@@ -262,5 +269,20 @@ mod tests {
         assert!(parse_serial("012345678901234567890").is_err());
         assert_eq!(parse_block_size("4096"), Ok(4096));
         assert!(parse_block_size("1024").is_err());
+    }
+
+    #[test]
+    fn the_bounce_budget_defaults_to_64_mib_and_is_never_zero() {
+        let base = ["uringblk", "--socket", "/tmp/s", "--null", "1G"];
+        let cli = Cli::try_parse_from(base).expect("defaults parse");
+        assert_eq!(cli.bounce_budget_mib, 64);
+        let with = |v: &str| {
+            let mut args = base.to_vec();
+            args.extend(["--bounce-budget-mib", v]);
+            Cli::try_parse_from(args)
+        };
+        assert_eq!(with("1").expect("1 MiB").bounce_budget_mib, 1);
+        assert!(with("0").is_err());
+        assert!(with("x").is_err());
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use blk_proto::DeviceConfig;
 use clap::Parser;
-use engine::{Backend, ImageOptions, MergeLimits};
+use engine::{ImageOptions, MergeLimits, Storage};
 use image_lock::{Access, ImageLock, LockError};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
 
 /// Checks every flag against the others and the storage, locks the image, then builds the
 /// backend.
-fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>, Option<ImageLock>), String> {
+fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Storage>, Option<ImageLock>), String> {
     let cpus = cli.cpus.clone().map(|c| c.0).unwrap_or_default();
     let iothreads = match (cli.iothreads, cpus.len()) {
         (Some(n), _) => n as usize,
@@ -113,12 +113,12 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>, Option<ImageLock>), Str
                 direct: !cli.buffered,
                 create_size: cli.create,
             };
-            let b = Backend::open(path, &opts).map_err(|e| e.to_string())?;
+            let b = Storage::open(path, &opts).map_err(|e| e.to_string())?;
             b.check_block_size(path, cli.logical_block_size)
                 .map_err(|e| e.to_string())?;
             b
         }
-        (None, Some(size)) => Backend::null(size),
+        (None, Some(size)) => Storage::null(size),
         (None, None) => return Err("give --image PATH or --null SIZE".into()),
     };
     let image_lock = lock_image(cli)?;
@@ -159,6 +159,7 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>, Option<ImageLock>), Str
             ring_setup: cli.ring_setup,
             iowq_max_workers: cli.iowq_max_workers,
             fixed_buffers: !cli.no_fixed_buffers,
+            bounce_budget: usize::try_from(cli.bounce_budget_mib << 20).unwrap_or(usize::MAX),
         },
         storage.clone(),
     )

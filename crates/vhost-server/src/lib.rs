@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use blk_proto::{parse_config_write, DeviceConfig, VIRTIO_BLK_ID_BYTES};
-use engine::{Backend, Engine, EngineConfig, MergeLimits, QueueStats, RingSetup};
+use engine::{Engine, EngineConfig, MergeLimits, QueueStats, RingSetup, Storage};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringMutex, VringT};
 use virtio_queue::QueueT;
@@ -73,6 +73,8 @@ pub struct ServerConfig {
     pub iowq_max_workers: u32,
     /// Register guest memory with each ring as fixed buffers.
     pub fixed_buffers: bool,
+    /// Bytes of O_DIRECT bounce buffers each iothread may hold at once.
+    pub bounce_budget: usize,
 }
 
 /// Spreads `queues` over `threads` as evenly as possible, contiguous runs per thread.
@@ -162,7 +164,7 @@ const QUIESCE_ANSWER_TIMEOUT: Duration = Duration::from_secs(35);
 const MEMORY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl BlkBackend {
-    pub fn new(cfg: ServerConfig, storage: Arc<Backend>) -> Result<BlkBackend, ServerError> {
+    pub fn new(cfg: ServerConfig, storage: Arc<Storage>) -> Result<BlkBackend, ServerError> {
         cfg.device.validate()?;
         let queues = cfg.device.num_queues as usize;
         if queues > 64 {
@@ -220,6 +222,8 @@ impl BlkBackend {
                     cpu: cfg.cpus.get(t).copied(),
                     iowq_max_workers: cfg.iowq_max_workers,
                     fixed_buffers: cfg.fixed_buffers,
+                    bounce_budget: cfg.bounce_budget,
+                    block_discard: engine::BlockDiscard::Auto,
                 },
             )?;
             ports.push(ControlPort::new(t).map_err(ServerError::Control)?);

@@ -30,8 +30,9 @@ fn backend(queues: u16, iothreads: usize) -> BlkBackend {
             ring_setup: engine::RingSetup::Auto,
             iowq_max_workers: 0,
             fixed_buffers: true,
+            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
         },
-        Arc::new(Backend::null(1 << 20)),
+        Arc::new(Storage::null(1 << 20)),
     )
     .unwrap()
 }
@@ -231,8 +232,9 @@ fn bad_thread_and_cpu_counts_are_refused() {
                 ring_setup: engine::RingSetup::Auto,
                 iowq_max_workers: 0,
                 fixed_buffers: true,
+                bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
             },
-            Arc::new(Backend::null(1 << 20)),
+            Arc::new(Storage::null(1 << 20)),
         )
     };
     assert!(matches!(mk(3, vec![]), Err(ServerError::IoThreads { .. })));
@@ -261,8 +263,9 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
             ring_setup: engine::RingSetup::Auto,
             iowq_max_workers: 0,
             fixed_buffers: true,
+            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
         },
-        Arc::new(Backend::null(1 << 20)),
+        Arc::new(Storage::null(1 << 20)),
     )
     .unwrap();
     assert_ne!(

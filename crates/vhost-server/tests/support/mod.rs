@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blk_proto::DeviceConfig;
-use engine::{Backend, ImageOptions, MergeLimits};
+use engine::{ImageOptions, MergeLimits, Storage};
 use vhost_server::{queue_masks, BlkBackend, ServerConfig, Vring};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -308,13 +308,13 @@ pub fn make_image(path: &Path, size: u64) {
 
 /// Opens `path` for the engine; None (after a loud SKIPPED line) when O_DIRECT was asked for
 /// and the filesystem refuses it.
-pub fn open_image(path: &Path, direct: bool) -> Option<Arc<Backend>> {
+pub fn open_image(path: &Path, direct: bool) -> Option<Arc<Storage>> {
     let opts = ImageOptions {
         read_only: false,
         direct,
         create_size: None,
     };
-    match Backend::open(path, &opts) {
+    match Storage::open(path, &opts) {
         Ok(b) => Some(Arc::new(b)),
         Err(e) if direct => {
             eprintln!("SKIPPED: O_DIRECT image at {}: {e}", path.display());
@@ -359,11 +359,24 @@ impl Device {
     /// A backend over `storage` with one vring per layout, memory table already set.
     pub fn new(
         guest: &Guest,
-        storage: Arc<Backend>,
+        storage: Arc<Storage>,
         iothreads: usize,
         layouts: &[QueueLayout],
         event_idx: bool,
         poll: Duration,
+    ) -> Device {
+        Device::with_cache(guest, storage, iothreads, layouts, event_idx, poll, true)
+    }
+
+    /// As [`Device::new`], starting with the write cache on (writeback) or off.
+    pub fn with_cache(
+        guest: &Guest,
+        storage: Arc<Storage>,
+        iothreads: usize,
+        layouts: &[QueueLayout],
+        event_idx: bool,
+        poll: Duration,
+        writeback: bool,
     ) -> Device {
         let queue_size = layouts.iter().map(|l| l.size).max().expect("one queue");
         let queues = layouts.len();
@@ -373,13 +386,14 @@ impl Device {
                 queue_size,
                 iothreads,
                 cpus: vec![],
-                writeback: true,
+                writeback,
                 merge: MergeLimits::default(),
                 poll,
                 submit_batch: 0,
                 ring_setup: engine::RingSetup::Auto,
                 iowq_max_workers: 0,
                 fixed_buffers: true,
+                bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
             },
             storage,
         )
