@@ -15,7 +15,7 @@ use clap::Parser;
 use engine::{Backend, ImageOptions, MergeLimits};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
-use vhost_server::{BlkBackend, ServerConfig};
+use vhost_server::{ServerConfig, VhostUserBlk};
 
 use cli::Cli;
 
@@ -80,7 +80,7 @@ fn main() -> ExitCode {
 }
 
 /// Checks every flag against the others and the storage, then builds the backend.
-fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
+fn build(cli: &Cli) -> Result<(VhostUserBlk, Arc<Backend>), String> {
     let cpus = cli.cpus.clone().map(|c| c.0).unwrap_or_default();
     let iothreads = match (cli.iothreads, cpus.len()) {
         (Some(n), _) => n as usize,
@@ -137,7 +137,7 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
         ));
     }
     let storage = Arc::new(storage);
-    let backend = BlkBackend::new(
+    let backend = VhostUserBlk::new(
         ServerConfig {
             device,
             queue_size: cli.queue_size,
@@ -188,7 +188,7 @@ fn remove_socket(path: &Path) {
     }
 }
 
-fn print_stats(backend: &BlkBackend) {
+fn print_stats(backend: &VhostUserBlk) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", backend.stats_json());
     let _ = out.flush();

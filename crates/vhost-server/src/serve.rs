@@ -9,7 +9,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::BlkBackend;
+use crate::VhostUserBlk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -27,7 +27,7 @@ pub enum ServeError {
 /// Serves frontends one after another until `stop` is set (checked between connections).
 /// `on_listening` runs once the socket exists.
 pub fn serve(
-    backend: &BlkBackend,
+    backend: &VhostUserBlk,
     socket: &Path,
     stop: &Arc<AtomicBool>,
     on_listening: impl FnOnce(),

@@ -2,11 +2,17 @@
 //! ring, `handle_event` drains it, and the used ring and the status byte come out.
 
 use super::*;
+use std::sync::Arc;
+
 use blk_proto::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_GET_ID};
+use engine::Backend;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
+use vmm_sys_util::epoll::EventSet;
 
 const QSIZE: u16 = 16;
 
@@ -16,8 +22,8 @@ fn device(queues: u16) -> DeviceConfig {
     d
 }
 
-fn backend(queues: u16, iothreads: usize) -> BlkBackend {
-    BlkBackend::new(
+fn backend(queues: u16, iothreads: usize) -> VhostUserBlk {
+    VhostUserBlk::new(
         ServerConfig {
             device: device(queues),
             queue_size: QSIZE,
@@ -39,10 +45,10 @@ fn backend(queues: u16, iothreads: usize) -> BlkBackend {
 struct Harness {
     mem: GuestMem,
     vring: Vring,
-    backend: BlkBackend,
+    backend: VhostUserBlk,
 }
 
-fn harness(backend: BlkBackend, mq: &MockSplitQueue<Mem>, mem: GuestMem) -> Harness {
+fn harness(backend: VhostUserBlk, mq: &MockSplitQueue<Mem>, mem: GuestMem) -> Harness {
     let vring = Vring::new(mem.clone(), QSIZE).unwrap();
     vring
         .set_queue_info(mq.desc_table_addr().0, mq.avail_addr().0, mq.used_addr().0)
@@ -218,7 +224,7 @@ fn config_write_switches_the_write_cache() {
 #[test]
 fn bad_thread_and_cpu_counts_are_refused() {
     let mk = |iothreads, cpus: Vec<usize>| {
-        BlkBackend::new(
+        VhostUserBlk::new(
             ServerConfig {
                 device: device(2),
                 queue_size: QSIZE,
@@ -248,7 +254,7 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
     let mq = MockSplitQueue::new(&*m, QSIZE);
     let mut dev = device(1);
     dev.read_only = true;
-    let b = BlkBackend::new(
+    let b = VhostUserBlk::new(
         ServerConfig {
             device: dev,
             queue_size: QSIZE,

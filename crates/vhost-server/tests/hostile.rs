@@ -1,5 +1,5 @@
 //! Hostile guest input on the whole data path: descriptor chains go in through a split
-//! virtqueue in (sentinel-guarded) guest memory, `BlkBackend::handle_event` drains them into the
+//! virtqueue in (sentinel-guarded) guest memory, `VhostUserBlk::handle_event` drains them into the
 //! io_uring engine over a real file, and we check what comes out: no panic, no hang, every
 //! chain answered (a status byte, or used length 0 for a chain too malformed to carry one), no
 //! byte written outside guest memory, and no guest byte written that the chains did not hand

@@ -1,4 +1,4 @@
-//! A test guest for driving `BlkBackend` the way a frontend would, through the public API only:
+//! A test guest for driving `VhostUserBlk` the way a frontend would, through the public API only:
 //! guest memory whose regions sit in a host arena between sentinel pages (so a write that
 //! escapes a region is seen), split virtqueues laid out by hand, file images, and a driver that
 //! kicks a queue and collects completions under a deadline (so a hang fails instead of hanging).
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use blk_proto::DeviceConfig;
 use engine::{Backend, ImageOptions, MergeLimits};
-use vhost_server::{queue_masks, BlkBackend, ServerConfig, Vring};
+use vhost_server::{queue_masks, ServerConfig, VhostUserBlk, Vring};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{
@@ -327,7 +327,7 @@ pub fn open_image(path: &Path, direct: bool) -> Option<Arc<Backend>> {
 // ----- the device -----
 
 pub struct Device {
-    pub backend: BlkBackend,
+    pub backend: VhostUserBlk,
     /// One per global queue.
     pub vrings: Vec<Vring>,
     pub layouts: Vec<QueueLayout>,
@@ -367,7 +367,7 @@ impl Device {
     ) -> Device {
         let queue_size = layouts.iter().map(|l| l.size).max().expect("one queue");
         let queues = layouts.len();
-        let backend = BlkBackend::new(
+        let backend = VhostUserBlk::new(
             ServerConfig {
                 device: device_config(storage.capacity_bytes(), queues as u16, queue_size),
                 queue_size,
@@ -506,7 +506,7 @@ impl Device {
 }
 
 /// Sum over queues of completed requests (every kind), rejected and malformed chains.
-pub fn answered(backend: &BlkBackend) -> u64 {
+pub fn answered(backend: &VhostUserBlk) -> u64 {
     let stats = backend.stats_json();
     let mut n = 0;
     for q in stats["queues"].as_array().expect("queues") {
