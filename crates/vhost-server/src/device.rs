@@ -12,6 +12,7 @@ use engine::{Backend, Engine, EngineConfig, QueueStats};
 use vhost_user_backend::VringEpollHandler;
 use vmm_sys_util::epoll::EventSet;
 
+use crate::cache_mode::CacheMode;
 use crate::control::{self, ControlMsg, ControlPort};
 use crate::iothread::IoThread;
 use crate::placement::{placement, queue_masks};
@@ -24,7 +25,8 @@ pub(crate) struct Inner {
     /// Per global queue: (thread, index among that thread's vrings).
     pub(crate) placement: Vec<(usize, usize)>,
     pub(crate) cpus: Vec<Option<usize>>,
-    pub(crate) writeback: Arc<AtomicBool>,
+    /// The write cache mode in force (shared with the engines) and what the driver may do.
+    pub(crate) cache: CacheMode,
     pub(crate) stopping: AtomicBool,
     pub(crate) poll: Duration,
     /// Control-path callers waiting for an iothread's lock: a polling thread yields to them.
@@ -78,7 +80,7 @@ impl VhostUserBlk {
         }
         let masks = queue_masks(queues, cfg.iothreads);
         let placement = placement(&masks, queues);
-        let writeback = Arc::new(AtomicBool::new(cfg.writeback));
+        let cache = CacheMode::new(cfg.writeback);
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
         let n = cfg.device.serial.len().min(VIRTIO_BLK_ID_BYTES);
         serial[..n].copy_from_slice(&cfg.device.serial[..n]);
@@ -100,7 +102,7 @@ impl VhostUserBlk {
                     merge: cfg.merge,
                     serial,
                     num_queues: queues,
-                    writeback: writeback.clone(),
+                    writeback: cache.flag(),
                     submit_batch: cfg.submit_batch,
                     ring_setup: cfg.ring_setup,
                     ring_entries: 0,
@@ -121,7 +123,7 @@ impl VhostUserBlk {
             masks,
             placement,
             cpus,
-            writeback,
+            cache,
             stopping: AtomicBool::new(false),
             poll: cfg.poll,
             control_waiting: AtomicU32::new(0),
@@ -154,6 +156,8 @@ impl VhostUserBlk {
         &self,
         handlers: &[Arc<VringEpollHandler<Self>>],
     ) -> io::Result<()> {
+        // A new frontend: its driver starts from the configured cache mode.
+        self.0.cache.reset();
         let n = self.0.device.num_queues as usize;
         for (i, h) in handlers.iter().enumerate() {
             // A message whose caller gave up on the last connection's thread means nothing now.
@@ -175,6 +179,8 @@ impl VhostUserBlk {
     pub fn connection_closed(&self) {
         let mut live = self.live();
         *live = false;
+        // Nothing the gone driver wrote outlives it.
+        self.0.cache.reset();
         for port in &self.0.ports {
             port.discard_stale();
         }
@@ -200,6 +206,11 @@ impl VhostUserBlk {
             self.0.ports[i].post(make)
         };
         Some(answer.and_then(|a| self.0.ports[i].wait(a, timeout)))
+    }
+
+    /// Whether the write cache is on now (the mode the driver negotiated, see cache_mode.rs).
+    pub fn write_cache_enabled(&self) -> bool {
+        self.0.cache.writeback()
     }
 
     /// Stops taking new requests (shutdown). In-flight ones still complete.

@@ -11,12 +11,13 @@
 //!
 //! One job per file: [`device`] (the shared state and the control path), [`vhost_user`] (the
 //! `VhostUserBackend` trait impl and the event dispatch), [`placement`] (queues to iothreads),
-//! [`affinity`] (CPU pinning), [`iothread`] (one iothread's state), [`guest_memory`] (which
+//! [`affinity`] (CPU pinning), [`cache_mode`] (the negotiated write cache mode), [`iothread`] (one iothread's state), [`guest_memory`] (which
 //! mappings in-flight requests keep alive), [`drain`] (avail ring -> engine), [`poll`]
 //! (busy-polling), [`deliver`] (completions -> used ring), [`control`] (messages to an
 //! iothread), [`serve`] (the connection loop).
 
 mod affinity;
+mod cache_mode;
 mod control;
 mod deliver;
 mod device;
@@ -70,7 +71,8 @@ pub struct ServerConfig {
     pub iothreads: usize,
     /// One CPU per iothread to pin it to; empty: no pinning.
     pub cpus: Vec<usize>,
-    /// Write cache enabled at start (the guest may switch it through CONFIG_WCE).
+    /// Write cache mode every driver starts from (a driver without FLUSH gets writethrough;
+    /// one with FLUSH and CONFIG_WCE may switch it).
     pub writeback: bool,
     pub merge: MergeLimits,
     /// After a batch, keep polling the thread's avail rings and completion queue this long

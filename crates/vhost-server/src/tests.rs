@@ -221,6 +221,85 @@ fn config_write_switches_the_write_cache() {
     assert_eq!(b.get_config(wce, 1), vec![1]);
 }
 
+fn backend_with_cache(writeback: bool) -> VhostUserBlk {
+    VhostUserBlk::new(
+        ServerConfig {
+            device: device(1),
+            queue_size: QSIZE,
+            iothreads: 1,
+            cpus: vec![],
+            writeback,
+            merge: MergeLimits::default(),
+            poll: Duration::ZERO,
+            submit_batch: 0,
+            ring_setup: engine::RingSetup::Auto,
+            iowq_max_workers: 0,
+            fixed_buffers: true,
+        },
+        Arc::new(Backend::null(1 << 20)),
+    )
+    .unwrap()
+}
+
+const FLUSH: u64 = 1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+const CONFIG_WCE: u64 = 1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
+
+fn wce(b: &VhostUserBlk) -> u8 {
+    b.get_config(blk_proto::WCE_OFFSET as u32, 1)[0]
+}
+
+#[test]
+fn a_driver_without_flush_gets_writethrough_and_cannot_switch_the_cache_on() {
+    let b = backend_with_cache(true);
+    let f = b.features() & !FLUSH;
+    b.acked_features(f);
+    assert_eq!(wce(&b), 0, "config space must say writethrough");
+    assert!(!b.write_cache_enabled(), "the engines must be writethrough");
+    b.set_config(blk_proto::WCE_OFFSET as u32, &[1]).unwrap();
+    assert_eq!(wce(&b), 0);
+    assert!(!b.write_cache_enabled());
+    // CONFIG_WCE without FLUSH is no better: it cannot flush.
+    b.acked_features(CONFIG_WCE);
+    assert!(!b.write_cache_enabled());
+}
+
+#[test]
+fn a_driver_with_flush_only_gets_the_configured_mode_and_cannot_change_it() {
+    for configured in [true, false] {
+        let b = backend_with_cache(configured);
+        b.acked_features(b.features() & !CONFIG_WCE);
+        assert_eq!(b.write_cache_enabled(), configured);
+        b.set_config(blk_proto::WCE_OFFSET as u32, &[u8::from(!configured)])
+            .unwrap();
+        assert_eq!(b.write_cache_enabled(), configured);
+        assert_eq!(wce(&b), u8::from(configured));
+    }
+}
+
+#[test]
+fn a_driver_with_flush_and_config_wce_switches_the_cache_and_reset_restores_it() {
+    let b = backend_with_cache(true);
+    // The driver writes the mode before it finishes negotiating (QEMU's sequence): it stands.
+    b.set_config(blk_proto::WCE_OFFSET as u32, &[0]).unwrap();
+    b.acked_features(b.features());
+    assert!(!b.write_cache_enabled());
+    assert_eq!(wce(&b), 0);
+    b.set_config(blk_proto::WCE_OFFSET as u32, &[1]).unwrap();
+    assert!(b.write_cache_enabled());
+    b.set_config(blk_proto::WCE_OFFSET as u32, &[0]).unwrap();
+    // RESET_DEVICE: the next driver starts from the configured mode.
+    b.reset_device();
+    assert!(b.write_cache_enabled());
+    assert_eq!(wce(&b), 1);
+    // A configured writethrough device starts every driver writethrough.
+    let b = backend_with_cache(false);
+    b.acked_features(b.features());
+    b.set_config(blk_proto::WCE_OFFSET as u32, &[1]).unwrap();
+    assert!(b.write_cache_enabled());
+    b.connection_closed();
+    assert!(!b.write_cache_enabled());
+}
+
 #[test]
 fn bad_thread_and_cpu_counts_are_refused() {
     let mk = |iothreads, cpus: Vec<usize>| {

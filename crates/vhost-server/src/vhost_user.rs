@@ -46,20 +46,32 @@ impl VhostUserBackend for VhostUserBlk {
         log::debug!("EVENT_IDX {}", if enabled { "on" } else { "off" });
     }
 
+    fn acked_features(&self, features: u64) {
+        self.0.cache.features_acked(features);
+    }
+
+    fn reset_device(&self) {
+        // RESET_DEVICE: the next driver starts from the configured cache mode.
+        self.0.cache.reset();
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let wb = self.0.writeback.load(Ordering::Relaxed);
-        self.0.device.read_config(wb, offset, size)
+        self.0
+            .device
+            .read_config(self.0.cache.writeback(), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         match parse_config_write(offset, buf) {
-            Some(wb) => {
-                log::info!(
-                    "guest switched the write cache {}",
-                    if wb { "on" } else { "off" }
-                );
-                self.0.writeback.store(wb, Ordering::Relaxed);
-            }
+            Some(wb) if self.0.cache.guest_write(wb) => log::info!(
+                "guest switched the write cache {}",
+                if wb { "on" } else { "off" }
+            ),
+            Some(wb) => log::warn!(
+                "guest asked for the write cache {}: refused, the driver did not negotiate \
+                 what it takes (FLUSH and CONFIG_WCE)",
+                if wb { "on" } else { "off" }
+            ),
             None => log::warn!("ignored config write at {offset} of {} bytes", buf.len()),
         }
         Ok(())
