@@ -1139,3 +1139,44 @@ fn reads_and_writes_of_no_data_are_still_valid() {
         assert_eq!(req.data_len, 0);
     }
 }
+
+// ---------------------------------------------------------------- what the config promises
+
+#[test]
+fn seg_max_segments_of_size_max_are_accepted_in_both_directions() {
+    // The largest request the config space allows (seg_max segments of size_max bytes) is
+    // served, never TooLarge or TooManySegments; the segments may all alias one buffer.
+    let mem = guest();
+    for (lbs, queue_size, max_transfer) in [
+        (512u32, 256u16, 32u32 << 20),
+        (512, 1024, 32 << 20),
+        (4096, 128, 32 << 20),
+        (4096, 1024, 8 << 20),
+        (512, 64, 1 << 20),
+    ] {
+        let mut cfg = DeviceConfig::new(CAPACITY_BYTES, lbs, 1, queue_size);
+        cfg.max_transfer_bytes = max_transfer;
+        cfg.validate().unwrap();
+        let size_max = cfg.size_max();
+        assert!(u64::from(size_max) < INDIRECT - DATA, "test layout");
+        let mut req = Request::for_config(&cfg);
+        for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+            put_header(&mem, HDR, t, 0);
+            let data = (0..cfg.seg_max).map(|_| {
+                if t == VIRTIO_BLK_T_IN {
+                    w(DATA, size_max)
+                } else {
+                    r(DATA, size_max)
+                }
+            });
+            let mut descs = vec![r(HDR, 16)];
+            descs.extend(data);
+            descs.push(w(STATUS, 1));
+            let head = indirect_table(&mem, INDIRECT, &descs);
+            let what = format!("lbs {lbs} queue {queue_size} max {max_transfer} type {t}");
+            parse_raw_table(&mem, &cfg, &[head], &mut req)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(req.data_len, cfg.seg_max * size_max, "{what}");
+        }
+    }
+}
