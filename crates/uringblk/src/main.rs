@@ -68,7 +68,9 @@ fn main() -> ExitCode {
     log::info!("stopping: draining in-flight I/O");
     stop.store(true, Ordering::SeqCst);
     backend.begin_stop();
-    backend.quiesce();
+    if let Err(e) = backend.quiesce() {
+        log::error!("stopping: {e}");
+    }
     if let Err(e) = storage.sync() {
         log::error!("final sync of the image failed: {e}");
     }

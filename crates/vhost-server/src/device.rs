@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use blk_proto::{DeviceConfig, VIRTIO_BLK_ID_BYTES};
 use engine::{Backend, Engine, EngineConfig, QueueStats};
-use vhost_user_backend::VringEpollHandler;
+use vhost_user_backend::{ShutdownHandle, VringEpollHandler};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::cache_mode::CacheMode;
-use crate::control::{self, ControlMsg, ControlPort};
+use crate::control::{self, ControlError, ControlMsg, ControlPort};
 use crate::iothread::IoThread;
 use crate::placement::{placement, queue_masks};
 use crate::{ServerConfig, ServerError};
@@ -37,7 +37,15 @@ pub(crate) struct Inner {
     /// Set while a connection's event loops (our iothreads) are running. Messages are posted
     /// under this lock, so that none is posted after the loops ended and left unanswered.
     pub(crate) live: Mutex<bool>,
+    /// Ends the current connection (an iothread that cannot go on asks for it).
+    pub(crate) connection: Mutex<Option<ShutdownHandle>>,
 }
+
+/// An iothread that could not finish its in-flight I/O when a connection ended: that I/O may
+/// still touch the connection's guest memory, which therefore stays mapped.
+#[derive(Debug, thiserror::Error)]
+#[error("in-flight I/O did not finish ({}); its guest memory stays mapped", .0.join("; "))]
+pub struct QuiesceError(Vec<String>);
 
 /// uringblk's vhost-user-blk device (the `VhostUserBackend` the library's daemon drives):
 /// cheap to clone, shared by the daemon's threads.
@@ -130,6 +138,7 @@ impl VhostUserBlk {
             threads,
             ports,
             live: Mutex::new(false),
+            connection: Mutex::new(None),
         })))
     }
 
@@ -181,6 +190,7 @@ impl VhostUserBlk {
         *live = false;
         // Nothing the gone driver wrote outlives it.
         self.0.cache.reset();
+        *self.0.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
         for port in &self.0.ports {
             port.discard_stale();
         }
@@ -219,18 +229,52 @@ impl VhostUserBlk {
     }
 
     /// Waits until every iothread's in-flight I/O has completed, and forgets guest memory.
-    /// Used between connections and at shutdown.
-    pub fn quiesce(&self) {
+    /// Used between connections and at shutdown. An iothread whose wait failed keeps its
+    /// guest memory mapped (the kernel may still write into it): that is the error.
+    pub fn quiesce(&self) -> Result<(), QuiesceError> {
+        let mut failures = Vec::new();
         for i in 0..self.0.threads.len() {
             // The iothread owns its ring: it waits for its own I/O.
             match self.ask(i, ControlMsg::Quiesce, QUIESCE_ANSWER_TIMEOUT) {
                 Some(Ok(())) => continue,
-                Some(Err(e)) => log::warn!("quiesce: {e}"),
-                None => {}
+                // Its own wait failed (it kept its memory). Waiting again from here would
+                // touch its ring from a thread that does not own it.
+                Some(Err(e @ ControlError::Failed(..))) => failures.push(e.to_string()),
+                // Stuck: it may hold its lock, and taking it would hang this thread too.
+                Some(Err(e @ ControlError::NoAnswer(..))) => failures.push(e.to_string()),
+                // Its thread is gone: nobody else can wait, so try here.
+                Some(Err(ControlError::Gone(_))) | None => {
+                    if let Err(why) = self.control(i).forget_connection(i) {
+                        failures.push(format!("iothread {i}: {why}"));
+                    }
+                }
             }
-            // No event loop runs (between connections), or it did not answer; a failure is
-            // logged where it happens.
-            let _ = self.control(i).forget_connection(i);
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(QuiesceError(failures))
+        }
+    }
+
+    /// The connection the daemon just accepted: an iothread that cannot go on ends it.
+    pub fn connection_started(&self, handle: Option<ShutdownHandle>) {
+        *self.0.connection.lock().unwrap_or_else(|p| p.into_inner()) = handle;
+    }
+
+    /// Something this connection cannot survive: said loudly, and the connection ends (the
+    /// frontend sees its socket close; the server waits for the next one).
+    pub(crate) fn end_connection(&self, why: &str) {
+        log::error!("{why}: ending the connection");
+        let handle = self
+            .0
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match handle {
+            Some(h) => h.shutdown(),
+            None => log::error!("no connection to end (not started through serve)"),
         }
     }
 

@@ -7,6 +7,7 @@ use engine::Engine;
 
 use crate::control::{ControlMsg, ControlPort};
 use crate::guest_memory::host_regions;
+use crate::ratelimit::{error_limited, RateLimit};
 use crate::GuestMem;
 
 /// How long an iothread waits for its in-flight I/O to finish at a quiesce.
@@ -39,6 +40,11 @@ pub(crate) struct IoThread {
     pub(crate) wakeups: u64,
     /// The connection was quiesced: events still arriving from its teardown are expected.
     pub(crate) connection_over: bool,
+    /// Why this thread cannot serve its queues in this connection (it asked for the
+    /// connection to end); it still answers control messages.
+    pub(crate) failed: Option<String>,
+    /// Engine errors, logged a few per second.
+    pub(crate) engine_errors: RateLimit,
 }
 
 impl IoThread {
@@ -55,6 +61,8 @@ impl IoThread {
             done: Vec::with_capacity(max_requests),
             wakeups: 0,
             connection_over: false,
+            failed: None,
+            engine_errors: RateLimit::new(),
         }
     }
 
@@ -80,6 +88,8 @@ impl IoThread {
         }
         self.throttled = 0;
         self.broken = 0;
+        // The next connection's thread tries again (its own ring, its own thread).
+        self.failed = None;
         waited
     }
 
@@ -101,15 +111,16 @@ impl IoThread {
         }
     }
 
-    /// Submits what was enqueued and reaps what completed. An engine error fails no request
-    /// by itself (ops that cannot go now wait in the engine's backlog): log it and go on.
+    /// Submits what was enqueued and reaps what completed. An engine error is survivable
+    /// (the engine fails the requests it touched with IOERR, or keeps them for the next
+    /// try): log it, a few lines a second at most, and go on.
     pub(crate) fn submit_and_reap(&mut self) {
         if let Err(e) = self.engine.submit() {
-            log::error!("submitting I/O failed: {e}");
+            error_limited!(self.engine_errors, "submitting I/O failed: {e}");
         }
         if self.engine.in_flight() > 0 {
             if let Err(e) = self.engine.reap() {
-                log::error!("reaping I/O failed: {e}");
+                error_limited!(self.engine_errors, "reaping I/O failed: {e}");
             }
         }
     }

@@ -26,6 +26,7 @@ mod guest_memory;
 mod iothread;
 mod placement;
 mod poll;
+mod ratelimit;
 mod serve;
 mod vhost_user;
 
@@ -37,7 +38,7 @@ use engine::{MergeLimits, RingSetup};
 use vhost_user_backend::VringMutex;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-pub use device::VhostUserBlk;
+pub use device::{QuiesceError, VhostUserBlk};
 pub use placement::queue_masks;
 pub use serve::{serve, ServeError};
 

@@ -13,8 +13,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::control::ControlMsg;
+use crate::control::{ControlError, ControlMsg};
 use crate::device::{completion_event, control_event, VhostUserBlk, MEMORY_TIMEOUT};
+
+/// How long GET_VRING_BASE waits for the queue's in-flight requests.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 use crate::guest_memory::host_regions;
 use crate::{GuestMem, Vring};
 
@@ -82,7 +85,13 @@ impl VhostUserBackend for VhostUserBlk {
             let m = mem.clone();
             match self.ask(i, |r| ControlMsg::SetMemory(m, r), MEMORY_TIMEOUT) {
                 Some(Ok(())) => continue,
-                Some(Err(e)) => log::warn!("memory table update: {e}"),
+                // A stuck iothread may hold its lock: fail the update (the frontend hears of
+                // it) instead of hanging the protocol thread on that lock.
+                Some(Err(e @ ControlError::NoAnswer(..))) => {
+                    log::error!("memory table update: {e}");
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, e.to_string()));
+                }
+                Some(Err(e)) => log::warn!("memory table update: {e}; done in place"),
                 None => {}
             }
             let mut t = self.control(i);
@@ -110,14 +119,24 @@ impl VhostUserBackend for VhostUserBlk {
         };
         // A restarted queue starts from a fresh avail index.
         self.control(t).broken &= !(1 << local);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
-            if self.control(t).engine.in_flight_on(queue_index as u16) == 0 {
+            let in_flight = self.control(t).engine.in_flight_on(queue_index as u16);
+            if in_flight == 0 {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                log::error!("queue {queue_index}: I/O still in flight after 30 s at stop");
-                return Ok(());
+                // The frontend must not restart the ring from a base that requests still in
+                // flight will overtake: fail GET_VRING_BASE (the library then ends the
+                // connection) rather than answer a base that is not true.
+                log::error!(
+                    "queue {queue_index}: {in_flight} requests still in flight after \
+                     {STOP_TIMEOUT:?} at GET_VRING_BASE: failing it"
+                );
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("queue {queue_index}: {in_flight} requests still in flight"),
+                ));
             }
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -130,35 +149,50 @@ impl VhostUserBackend for VhostUserBlk {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // An Err here would end the library's worker thread without a word (its result is
+        // never looked at): every error is handled here, survived or made loud.
         let inner = &*self.0;
         if thread_id >= inner.threads.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "unknown thread",
+            self.end_connection(&format!(
+                "event {device_event} for iothread {thread_id}, which does not exist"
             ));
+            return Ok(());
         }
         self.pin_current_thread(thread_id);
         let mut t = self.thread(thread_id);
         t.wakeups += 1;
+        let n = inner.device.num_queues as usize;
         // The ring belongs to the thread that submits to it: a new connection's iothread
         // sets up its own.
-        match t.engine.adopt_current_thread() {
-            Ok(false) => {}
-            Ok(true) => log::info!(
-                "iothread {thread_id}: io_uring ring set up ({})",
-                t.engine.ring_mode().name()
-            ),
-            Err(e) => {
-                log::error!("iothread {thread_id}: {e}");
-                return Ok(());
+        if t.failed.is_none() {
+            match t.engine.adopt_current_thread() {
+                Ok(false) => {}
+                Ok(true) => log::info!(
+                    "iothread {thread_id}: io_uring ring set up ({})",
+                    t.engine.ring_mode().name()
+                ),
+                Err(e) => {
+                    // Its queues would never be served: the guest would wait forever.
+                    let why = format!("iothread {thread_id} cannot set up its io_uring ring: {e}");
+                    t.failed = Some(why.clone());
+                    drop(t);
+                    self.end_connection(&why);
+                    t = self.thread(thread_id);
+                }
             }
+        }
+        if t.failed.is_some() {
+            // Control messages (quiesce) still get their answer; queues wait for the end.
+            if device_event == control_event(n) {
+                t.serve_control(&inner.ports[thread_id], thread_id);
+            }
+            return Ok(());
         }
         t.engine.sync_fixed_buffers();
         let slept_at = t.slept_at.take();
         let stopping = inner.stopping.load(Ordering::Relaxed);
         // Queues of a thread are contiguous (see queue_masks): local i is first_queue + i.
         let first_queue = inner.masks[thread_id].trailing_zeros() as usize;
-        let n = inner.device.num_queues as usize;
         let local = device_event as usize;
         let mut work = false;
         if local < vrings.len() {
