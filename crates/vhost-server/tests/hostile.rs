@@ -1406,6 +1406,13 @@ proptest! {
     }
 }
 
+#[test]
+fn a_missing_prerequisite_is_a_visible_skip_and_a_failure_under_ci() {
+    skip_in(false, "(this test's own example of a skip)");
+    let under_ci = std::panic::catch_unwind(|| skip_in(true, "(example)"));
+    assert!(under_ci.is_err(), "a skip must fail under CI=true");
+}
+
 /// One image shared by every case of the property test (its contents do not matter there).
 fn image_dir() -> &'static (TempDir, PathBuf) {
     static IMAGE: std::sync::OnceLock<(TempDir, PathBuf)> = std::sync::OnceLock::new();
