@@ -12,6 +12,12 @@
 //!   and a frontend that caches the config space would then show its driver a mode that is no
 //!   longer in force.
 //!
+//! One case this cannot tell apart: a frontend that reconnects (QEMU `reconnect=`) while its
+//! guest's driver lives on is a new connection, so that driver, if it had switched the cache
+//! off, is served the configured mode again without being told (QEMU does not replay the
+//! config write). A configured writeback device then completes that driver's writes before
+//! they are durable while it believes them durable; run such a setup with `--writethrough`.
+//!
 //! Config reads report the mode in force. The engine reads the same flag for every
 //! write-type op (RWF_DSYNC / a sync when it is off).
 

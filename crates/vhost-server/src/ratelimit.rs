@@ -53,3 +53,23 @@ macro_rules! error_limited {
     };
 }
 pub(crate) use error_limited;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_few_lines_a_second_then_a_count_of_the_rest() {
+        let mut limit = RateLimit::new();
+        for _ in 0..PER_WINDOW {
+            assert_eq!(limit.allow(), Some(0));
+        }
+        for _ in 0..100 {
+            assert_eq!(limit.allow(), None);
+        }
+        // The next window's first line says how many were left out.
+        limit.window_start = limit.window_start.map(|s| s - WINDOW);
+        assert_eq!(limit.allow(), Some(100));
+        assert_eq!(limit.allow(), Some(0));
+    }
+}

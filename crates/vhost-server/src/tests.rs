@@ -301,6 +301,14 @@ fn a_driver_with_flush_and_config_wce_switches_the_cache_and_reset_restores_it()
 }
 
 #[test]
+fn an_event_for_an_unknown_thread_does_not_end_the_worker() {
+    // An Err would end the library's worker thread without a word: it is handled instead
+    // (logged, the connection asked to end).
+    let b = backend(1, 1);
+    assert!(b.handle_event(0, EventSet::IN, &[], 7).is_ok());
+}
+
+#[test]
 fn bad_thread_and_cpu_counts_are_refused() {
     let mk = |iothreads, cpus: Vec<usize>| {
         VhostUserBlk::new(
