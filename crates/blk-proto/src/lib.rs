@@ -27,7 +27,9 @@
 //!   header (write), any buffer addresses and lengths; the total a multiple of the logical
 //!   block size and the sector aligned to it (`Misaligned`), inside the capacity with checked
 //!   arithmetic (`SectorOutOfRange`), at most `max_transfer_bytes` (`TooLarge`); writes to a
-//!   read-only device -> `ReadOnly`; all IOERR;
+//!   read-only device -> `ReadOnly`; data in the wrong direction (readable bytes after a read's
+//!   header, writable bytes before a write's status) -> `WrongDirection`; all IOERR. A read or
+//!   write of no data at all is valid (as in QEMU) and does nothing;
 //! - at most min(seg_max + 2, [`request::IOV_MAX`], the request's iovec capacity) iovecs after
 //!   splitting buffers at memory-region boundaries -> else `TooManySegments` (IOERR);
 //! - GET_ID: any writable length; only the first 20 bytes become iovecs;

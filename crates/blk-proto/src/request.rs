@@ -144,6 +144,10 @@ pub enum ParseError {
     TooLarge { len: u32, max: u32 },
     #[error("more than {max} data segments")]
     TooManySegments { max: usize },
+    /// A read whose data the device could only read, or a write whose data it could only
+    /// write: the data is on the wrong side of the chain.
+    #[error("{kind:?} request with {bytes} data bytes in the wrong direction")]
+    WrongDirection { kind: RequestKind, bytes: u64 },
     #[error("write to a read-only device")]
     ReadOnly,
     #[error("discard/write-zeroes payload of {0} bytes is not a non-zero multiple of 16")]
@@ -169,6 +173,7 @@ impl ParseError {
             | Misaligned { .. }
             | TooLarge { .. }
             | TooManySegments { .. }
+            | WrongDirection { .. }
             | ReadOnly
             | BadDiscardPayload(_)
             | TooManyRanges { .. }
@@ -269,6 +274,8 @@ struct ParseState<'c> {
     pending_writable: Option<(u64, u32, *mut u8)>,
     max_iovecs: usize,
     segments_overflow: bool,
+    /// Data bytes a read carried device-readable, or a write device-writable.
+    wrong_direction_bytes: u64,
     /// GET_ID bytes still wanted: only the first 20 writable bytes are kept as iovecs.
     id_bytes_left: u32,
     /// Discard / write-zeroes payload.
@@ -295,6 +302,7 @@ impl<'c> ParseState<'c> {
             pending_writable: None,
             max_iovecs,
             segments_overflow: false,
+            wrong_direction_bytes: 0,
             id_bytes_left: VIRTIO_BLK_ID_BYTES as u32,
             payload_len: 0,
             range_buf: [0; RAW_RANGE_SIZE],
@@ -389,6 +397,13 @@ impl<'c> ParseState<'c> {
             Some(Decoded::Kind(RequestKind::Discard | RequestKind::WriteZeroes)) => {
                 self.range_payload(regions, rest_addr, rest_len, out)
             }
+            // A read's data must be device-writable: these bytes would be "read" into memory
+            // the device may not write (QEMU ignores them and answers OK; the guest would
+            // believe data arrived that never did).
+            Some(Decoded::Kind(RequestKind::Read)) => {
+                self.wrong_direction_bytes += u64::from(rest_len);
+                Ok(())
+            }
             // Readable payload means nothing to the other types.
             _ => Ok(()),
         }
@@ -433,6 +448,12 @@ impl<'c> ParseState<'c> {
                     return Ok(());
                 }
                 self.push_data(regions, addr, take, host, out)
+            }
+            // A write's data must be device-readable: writable bytes before the status would
+            // be written from memory the guest gave the device to fill.
+            Some(Decoded::Kind(RequestKind::Write)) => {
+                self.wrong_direction_bytes += u64::from(len);
+                Ok(())
             }
             // Writable bytes before the status mean nothing to the other types.
             _ => Ok(()),
@@ -590,6 +611,12 @@ impl<'c> ParseState<'c> {
             RequestKind::Read | RequestKind::Write => {
                 if kind == RequestKind::Write && cfg.read_only {
                     return Err(ParseError::ReadOnly);
+                }
+                if self.wrong_direction_bytes != 0 {
+                    return Err(ParseError::WrongDirection {
+                        kind,
+                        bytes: self.wrong_direction_bytes,
+                    });
                 }
                 if self.segments_overflow {
                     return Err(ParseError::TooManySegments {

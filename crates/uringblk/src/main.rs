@@ -17,7 +17,7 @@ use engine::{ImageOptions, MergeLimits, Storage};
 use image_lock::{Access, ImageLock, LockError};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
-use vhost_server::{BlkBackend, ServerConfig};
+use vhost_server::{ServerConfig, VhostUserBlk};
 
 use cli::Cli;
 
@@ -71,7 +71,9 @@ fn main() -> ExitCode {
     log::info!("stopping: draining in-flight I/O");
     stop.store(true, Ordering::SeqCst);
     backend.begin_stop();
-    backend.quiesce();
+    if let Err(e) = backend.quiesce() {
+        log::error!("stopping: {e}");
+    }
     if let Err(e) = storage.sync() {
         log::error!("final sync of the image failed: {e}");
     }
@@ -84,7 +86,7 @@ fn main() -> ExitCode {
 
 /// Checks every flag against the others and the storage, locks the image, then builds the
 /// backend.
-fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Storage>, Option<ImageLock>), String> {
+fn build(cli: &Cli) -> Result<(VhostUserBlk, Arc<Storage>, Option<ImageLock>), String> {
     let cpus = cli.cpus.clone().map(|c| c.0).unwrap_or_default();
     let iothreads = match (cli.iothreads, cpus.len()) {
         (Some(n), _) => n as usize,
@@ -142,7 +144,7 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Storage>, Option<ImageLock>), Str
         ));
     }
     let storage = Arc::new(storage);
-    let backend = BlkBackend::new(
+    let backend = VhostUserBlk::new(
         ServerConfig {
             device,
             queue_size: cli.queue_size,
@@ -219,7 +221,7 @@ fn remove_socket(path: &Path) {
     }
 }
 
-fn print_stats(backend: &BlkBackend) {
+fn print_stats(backend: &VhostUserBlk) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", backend.stats_json());
     let _ = out.flush();

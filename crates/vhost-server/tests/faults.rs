@@ -1,5 +1,5 @@
 //! Host faults through the whole server: chains go in through split virtqueues in guest
-//! memory, `BlkBackend::handle_event` drains them into the engine, and the engine hands its
+//! memory, `VhostUserBlk::handle_event` drains them into the engine, and the engine hands its
 //! ops to the fault-injecting storage backend (engine `FaultStorage`: an in-memory disk that
 //! fails chosen ops and records every op it saw). Each fault must reach the guest as
 //! VIRTIO_BLK_S_IOERR, short transfers and EAGAIN must be retried into an OK with the right
