@@ -126,3 +126,35 @@ impl Drop for GuardedGuest {
         unsafe { libc::munmap(self.reservation, self.reservation_len) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemory};
+
+    #[test]
+    fn adjacent_guest_regions_are_apart_in_the_host() {
+        let specs = [
+            RegionSpec {
+                guest_start: 0x1000,
+                pages: 1,
+            },
+            RegionSpec {
+                guest_start: 0x2000,
+                pages: 2,
+            },
+        ];
+        let guest = GuardedGuest::new(&specs).expect("mapped");
+        let mem = guest.mem();
+        let first = mem.get_host_address(GuestAddress(0x1000)).unwrap();
+        let second = mem.get_host_address(GuestAddress(0x2000)).unwrap();
+        assert!(guest.inside(first, PAGE));
+        assert!(!guest.inside(first, PAGE + 1), "one byte past the first region");
+        assert!(guest.inside(second, 2 * PAGE));
+        // A guard page lies between them, so the host gap is at least a page.
+        assert!(second as usize >= first as usize + 2 * PAGE);
+        // A guest range across the boundary is still guest memory (vm-memory splits it).
+        mem.write_slice(&[7u8; 32], GuestAddress(0x2000 - 16))
+            .expect("write across the regions");
+    }
+}

@@ -34,15 +34,34 @@ pub fn walk_bound(queue_size: u16) -> usize {
 
 /// Fuzz target (a): one chain, as parse sees it. Panics on a broken promise.
 pub fn check_chain(data: &[u8]) {
-    run(data, Focus::Chain);
+    check(data, Focus::Chain, &mut Stats::default());
 }
 
 /// Fuzz target (b): the drain over a whole hostile ring. Panics on a broken promise.
 pub fn check_drain(data: &[u8]) {
-    run(data, Focus::Drain);
+    check(data, Focus::Drain, &mut Stats::default());
 }
 
-fn run(data: &[u8], focus: Focus) {
+/// What the checks saw, counted: the property tests use it to prove their generators reach
+/// every outcome (a fuzz twin that only ever sees dropped chains proves little).
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub scenarios: usize,
+    pub executed: std::collections::BTreeMap<String, usize>,
+    pub rejected_ioerr: usize,
+    pub rejected_unsupp: usize,
+    pub dropped: usize,
+    /// Why chains were dropped or rejected (the error's variant name).
+    pub reasons: std::collections::BTreeMap<String, usize>,
+    pub caught_up: usize,
+    pub throttled: usize,
+    pub stopped_ahead: usize,
+    pub stopped_ring: usize,
+    pub compared_with_virtio_queue: usize,
+}
+
+/// Decodes `data` as `focus` says and runs every check on it, counting into `stats`.
+pub fn check(data: &[u8], focus: Focus, stats: &mut Stats) {
     let mut u = Unstructured::new(data);
     let Ok(scenario) = Scenario::decode(&mut u, focus) else {
         return;
@@ -50,13 +69,13 @@ fn run(data: &[u8], focus: Focus) {
     let Some(guest) = GuardedGuest::new(&scenario.regions) else {
         return;
     };
-    run_scenario(&guest, &scenario);
+    stats.scenarios += 1;
+    run_scenario(&guest, &scenario, stats);
 }
 
 /// Applies the scenario's rounds of guest writes, draining after each as the server would,
-/// and checks every promise. The guest must outlive nothing made here (the snapshot is
-/// dropped before returning).
-pub fn run_scenario(guest: &GuardedGuest, scenario: &Scenario) {
+/// and checks every promise. The snapshot made here is dropped before returning.
+pub fn run_scenario(guest: &GuardedGuest, scenario: &Scenario, stats: &mut Stats) {
     let mem = guest.mem();
     let regions = GuestRegions::new(Arc::clone(mem));
     probe_snapshot(guest, &regions, scenario);
@@ -72,9 +91,10 @@ pub fn run_scenario(guest: &GuardedGuest, scenario: &Scenario) {
         }
         let ring = scenario.ring.map(&regions);
         if scenario.server_shaped() {
+            stats.compared_with_virtio_queue += 1;
             compare_with_virtio_queue(guest, scenario, &ring, next_avail);
         }
-        if !drain_round(guest, scenario, &ring, &mut next_avail) {
+        if !drain_round(guest, scenario, &ring, &mut next_avail, stats) {
             return;
         }
     }
@@ -94,6 +114,7 @@ fn drain_round(
     scenario: &Scenario,
     ring: &MappedRing<'_>,
     next_avail: &mut u16,
+    stats: &mut Stats,
 ) -> bool {
     let size = ring.size();
     let mut total = 0usize;
@@ -127,18 +148,56 @@ fn drain_round(
         for popped in &batch {
             check_walk_bound(ring, popped.head);
             check_popped(guest, scenario, popped);
+            count(stats, popped);
         }
         // The batch completes: status bytes written, buffers filled or read.
         for popped in &batch {
             complete(popped);
         }
         match end {
-            DrainEnd::CaughtUp => return true,
-            DrainEnd::Throttled => continue,
-            DrainEnd::Broken(_) => return false,
+            DrainEnd::CaughtUp => {
+                stats.caught_up += 1;
+                return true;
+            }
+            DrainEnd::Throttled => stats.throttled += 1,
+            DrainEnd::Broken(Broken::AheadOfQueue { .. }) => {
+                stats.stopped_ahead += 1;
+                return false;
+            }
+            DrainEnd::Broken(Broken::Ring(_)) => {
+                stats.stopped_ring += 1;
+                return false;
+            }
         }
     }
     panic!("drain did not catch up after {total} chains on a queue of {size}");
+}
+
+fn count(stats: &mut Stats, p: &Popped) {
+    match p.disposition() {
+        Disposition::Execute => {
+            *stats
+                .executed
+                .entry(format!("{:?}", p.request.kind))
+                .or_default() += 1;
+        }
+        _ => {}
+    }
+    if let Err(e) = &p.result {
+        let name = format!("{e:?}");
+        let mut name = name.split([' ', '(', '{']).next().unwrap_or_default().to_string();
+        if let Some(why) = p.chain_error {
+            let why = format!("{why:?}");
+            name = format!("{name}/{}", why.split([' ', '(', '{']).next().unwrap_or_default());
+        }
+        *stats.reasons.entry(name).or_default() += 1;
+    }
+    match p.disposition() {
+        Disposition::Execute => {}
+        Disposition::Reject(blk_proto::VIRTIO_BLK_S_UNSUPP) => stats.rejected_unsupp += 1,
+        Disposition::Reject(_) => stats.rejected_ioerr += 1,
+        Disposition::Drop => stats.dropped += 1,
+    }
 }
 
 /// A separate walk of the chain at `head`, counting descriptors: it must end (normally or

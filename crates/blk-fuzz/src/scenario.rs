@@ -69,8 +69,8 @@ impl Scenario {
         } else {
             u.arbitrary()?
         };
-        let mut desc_table = pointer(u, &regions)?;
-        let mut avail_ring = pointer(u, &regions)?;
+        let mut desc_table = place(u, &regions, 16 * u64::from(size))?;
+        let mut avail_ring = place(u, &regions, 4 + 2 * u64::from(size))?;
         if server_shaped {
             // What virtio-queue lets a frontend set (vhost-user-backend refuses the rest).
             desc_table &= !15;
@@ -228,6 +228,30 @@ pub fn pointer(u: &mut Unstructured<'_>, regions: &[RegionSpec]) -> Result<u64> 
     })
 }
 
+/// A guest address for `len` bytes: mostly where they fit inside one region (near its start
+/// or anywhere), sometimes straddling a region's end (into a gap or the next region), and
+/// sometimes anything [`pointer`] makes.
+pub fn place(u: &mut Unstructured<'_>, regions: &[RegionSpec], len: u64) -> Result<u64> {
+    let r = regions[u.choose_index(regions.len())?];
+    let choice = u.int_in_range(0u8..=15)?;
+    Ok(match choice {
+        0..=12 if len <= r.len() => {
+            let room = r.len() - len;
+            let offset = if choice < 5 {
+                u.int_in_range(0..=room.min(63))?
+            } else {
+                u.int_in_range(0..=room)?
+            };
+            r.guest_start + offset
+        }
+        0..=13 => {
+            let end = r.guest_start + r.len();
+            end - u.int_in_range(1..=len.clamp(1, r.len()))?
+        }
+        _ => pointer(u, regions)?,
+    })
+}
+
 /// A descriptor length: empty, tiny, a header, blocks, random, or near u32::MAX.
 pub fn length(u: &mut Unstructured<'_>) -> Result<u32> {
     Ok(match u.int_in_range(0u8..=8)? {
@@ -365,7 +389,7 @@ impl Generator<'_, '_> {
             1 | 2 => u64::from(self.u.int_in_range(0u32..=0x2_0000)?) & !7,
             _ => self.u.arbitrary()?,
         };
-        let header_addr = pointer(self.u, self.regions)?;
+        let header_addr = place(self.u, self.regions, 16)?;
         let header = RequestHeader {
             request_type,
             ioprio: 0,
@@ -380,17 +404,20 @@ impl Generator<'_, '_> {
         let mut descs = vec![(header_addr, header_len, 0u16)];
         let device_writes = matches!(request_type & !VIRTIO_BLK_T_BARRIER, 0 | 8);
         for _ in 0..self.u.int_in_range(0u8..=3)? {
-            let addr = pointer(self.u, self.regions)?;
+            let ranges = matches!(request_type, VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES);
+            let segments = u32::from(pick(self.u, &[(3, 1..=1), (1, 2..=3)])?);
             let len = match self.u.int_in_range(0u8..=3)? {
                 0 => length(self.u)?,
+                _ if ranges => 16 * segments,
                 _ => 512 * self.u.int_in_range(1..=8)?,
             };
+            let addr = place(self.u, self.regions, u64::from(len))?;
             let mut flags = if device_writes { WRITE } else { 0 };
             if self.u.ratio(1, 8)? {
                 flags ^= WRITE;
             }
-            if matches!(request_type, VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES) {
-                for k in 0..self.u.int_in_range(1u64..=3)? {
+            if ranges {
+                for k in 0..u64::from(segments) {
                     let range = self.range()?;
                     self.put(addr.wrapping_add(16 * k), range.to_le_bytes().to_vec());
                 }
@@ -398,9 +425,10 @@ impl Generator<'_, '_> {
             descs.push((addr, len, flags));
         }
         let status = if self.u.ratio(3, 4)? {
-            (pointer(self.u, self.regions)?, 1)
+            (place(self.u, self.regions, 1)?, 1)
         } else {
-            (pointer(self.u, self.regions)?, length(self.u)?)
+            let len = length(self.u)?;
+            (place(self.u, self.regions, u64::from(len))?, len)
         };
         descs.push((status.0, status.1, WRITE));
         descs.truncate(usize::from(room.max(1)));
@@ -428,11 +456,11 @@ impl Generator<'_, '_> {
     /// An INDIRECT descriptor and the table it points at (request-shaped or random, its
     /// length right or wrong).
     fn indirect(&mut self) -> Result<Desc> {
-        let mut addr = pointer(self.u, self.regions)?;
+        let entries = self.u.int_in_range(1u16..=6)?;
+        let mut addr = place(self.u, self.regions, 16 * u64::from(entries))?;
         if self.u.ratio(3, 4)? {
             addr &= !15;
         }
-        let entries = self.u.int_in_range(1u16..=6)?;
         let descs = if self.u.ratio(3, 4)? {
             self.shaped_chain(0, entries, entries)?
         } else {
@@ -497,10 +525,10 @@ impl Generator<'_, '_> {
                 1 | 2 => self.u.int_in_range(1..=64)? * 8,
                 _ => self.u.arbitrary()?,
             },
-            flags: if self.u.ratio(3, 4)? {
-                self.u.int_in_range(0..=1)?
-            } else {
-                self.u.arbitrary()?
+            flags: match self.u.int_in_range(0u8..=3)? {
+                0 | 1 => 0,
+                2 => blk_proto::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+                _ => self.u.arbitrary()?,
             },
         })
     }
