@@ -537,12 +537,19 @@ impl Generator<'_, '_> {
     /// than a queue (which stops the queue), nothing, or anything.
     fn avail_count(&mut self) -> Result<u16> {
         let size = self.ring.size;
-        Ok(match self.u.int_in_range(0u8..=7)? {
+        let count = match self.u.int_in_range(0u8..=7)? {
             0 => 0,
             1 => size,
             2 => size.wrapping_add(1),
             3 => self.u.arbitrary()?,
             _ => self.u.int_in_range(1..=size.clamp(1, 8))?,
+        };
+        // Queues larger than the server's (the walker takes any size) pop at most as many
+        // chains as the server's largest would: the rest only costs time.
+        Ok(if count <= size && count > MAX_SERVER_QUEUE {
+            count % (MAX_SERVER_QUEUE + 1)
+        } else {
+            count
         })
     }
 
