@@ -21,7 +21,10 @@ pub enum DrainEnd {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Broken {
     /// The guest's index is more than a queue ahead of next_avail.
-    AheadOfQueue { idx: u16, next_avail: u16 },
+    AheadOfQueue {
+        idx: u16,
+        next_avail: u16,
+    },
     Ring(RingError),
 }
 

@@ -92,7 +92,10 @@ impl GuardedGuest {
                 )
             }
             .ok()?;
-            regions.push(GuestRegionMmap::new(mapping, GuestAddress(spec.guest_start))?);
+            regions.push(GuestRegionMmap::new(
+                mapping,
+                GuestAddress(spec.guest_start),
+            )?);
             guest.host_ranges.push((host as usize, len));
             page += spec.pages + 1;
         }
@@ -130,7 +133,7 @@ impl Drop for GuardedGuest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemory};
+    use vm_memory::{Bytes, GuestMemoryBackend};
 
     #[test]
     fn adjacent_guest_regions_are_apart_in_the_host() {
@@ -149,7 +152,10 @@ mod tests {
         let first = mem.get_host_address(GuestAddress(0x1000)).unwrap();
         let second = mem.get_host_address(GuestAddress(0x2000)).unwrap();
         assert!(guest.inside(first, PAGE));
-        assert!(!guest.inside(first, PAGE + 1), "one byte past the first region");
+        assert!(
+            !guest.inside(first, PAGE + 1),
+            "one byte past the first region"
+        );
         assert!(guest.inside(second, 2 * PAGE));
         // A guard page lies between them, so the host gap is at least a page.
         assert!(second as usize >= first as usize + 2 * PAGE);

@@ -146,7 +146,11 @@ fn drain_round(
             "next_avail moved by a different count than the chains popped"
         );
         if end == DrainEnd::Throttled {
-            assert_eq!(batch.len(), scenario.room, "throttled before the engine was full");
+            assert_eq!(
+                batch.len(),
+                scenario.room,
+                "throttled before the engine was full"
+            );
         }
         for popped in &batch {
             check_walk_bound(ring, popped.head);
@@ -186,7 +190,23 @@ fn drain_round(
     true
 }
 
+/// The variant name of an error's Debug form ("TooLarge { .. }" -> "TooLarge").
+fn variant(debug: String) -> String {
+    debug
+        .split([' ', '(', '{'])
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn count(stats: &mut Stats, p: &Popped) {
+    if let Err(e) = &p.result {
+        let mut name = variant(format!("{e:?}"));
+        if let Some(why) = p.chain_error {
+            name = format!("{name}/{}", variant(format!("{why:?}")));
+        }
+        *stats.reasons.entry(name).or_default() += 1;
+    }
     match p.disposition() {
         Disposition::Execute => {
             *stats
@@ -194,19 +214,6 @@ fn count(stats: &mut Stats, p: &Popped) {
                 .entry(format!("{:?}", p.request.kind))
                 .or_default() += 1;
         }
-        _ => {}
-    }
-    if let Err(e) = &p.result {
-        let name = format!("{e:?}");
-        let mut name = name.split([' ', '(', '{']).next().unwrap_or_default().to_string();
-        if let Some(why) = p.chain_error {
-            let why = format!("{why:?}");
-            name = format!("{name}/{}", why.split([' ', '(', '{']).next().unwrap_or_default());
-        }
-        *stats.reasons.entry(name).or_default() += 1;
-    }
-    match p.disposition() {
-        Disposition::Execute => {}
         Disposition::Reject(blk_proto::VIRTIO_BLK_S_UNSUPP) => stats.rejected_unsupp += 1,
         Disposition::Reject(_) => stats.rejected_ioerr += 1,
         Disposition::Drop => stats.dropped += 1,
@@ -221,7 +228,10 @@ fn check_walk_bound(ring: &MappedRing<'_>, head: u16) {
     let mut count = 0usize;
     while let Ok(Some(_)) = walk.next_descriptor() {
         count += 1;
-        assert!(count <= bound, "walk of head {head} went past {bound} descriptors");
+        assert!(
+            count <= bound,
+            "walk of head {head} went past {bound} descriptors"
+        );
     }
 }
 
@@ -231,8 +241,14 @@ fn check_popped(guest: &GuardedGuest, scenario: &Scenario, p: &Popped) {
     let cfg = &scenario.cfg;
     match p.disposition() {
         Disposition::Execute | Disposition::Reject(_) => {
-            assert!(!req.status.is_null(), "a status to write but no status byte");
-            assert!(guest.inside(req.status, 1), "status byte outside guest memory");
+            assert!(
+                !req.status.is_null(),
+                "a status to write but no status byte"
+            );
+            assert!(
+                guest.inside(req.status, 1),
+                "status byte outside guest memory"
+            );
         }
         // A drop is logged with the reason: a malformed chain always says why.
         Disposition::Drop => {
@@ -252,8 +268,16 @@ fn check_popped(guest: &GuardedGuest, scenario: &Scenario, p: &Popped) {
     // Never grown past the capacity it was given.
     let fresh = new_request(scenario);
     assert!(req.iovecs.len() <= fresh.iovecs.capacity().max(req.iovecs.capacity()));
-    assert_eq!(req.iovecs.capacity(), fresh.iovecs.capacity(), "iovecs reallocated");
-    assert_eq!(req.ranges.capacity(), fresh.ranges.capacity(), "ranges reallocated");
+    assert_eq!(
+        req.iovecs.capacity(),
+        fresh.iovecs.capacity(),
+        "iovecs reallocated"
+    );
+    assert_eq!(
+        req.ranges.capacity(),
+        fresh.ranges.capacity(),
+        "ranges reallocated"
+    );
     if p.result.is_ok() {
         let mut total = 0usize;
         for iov in &req.iovecs {
@@ -266,8 +290,15 @@ fn check_popped(guest: &GuardedGuest, scenario: &Scenario, p: &Popped) {
         }
         match req.kind {
             RequestKind::Read | RequestKind::Write => {
-                assert_eq!(total, req.data_len as usize, "iovecs do not add up to data_len");
-                assert_eq!(req.data_len % cfg.logical_block_size, 0, "misaligned length");
+                assert_eq!(
+                    total, req.data_len as usize,
+                    "iovecs do not add up to data_len"
+                );
+                assert_eq!(
+                    req.data_len % cfg.logical_block_size,
+                    0,
+                    "misaligned length"
+                );
                 assert_eq!(
                     req.sector % u64::from(cfg.logical_block_size / 512),
                     0,
@@ -276,8 +307,14 @@ fn check_popped(guest: &GuardedGuest, scenario: &Scenario, p: &Popped) {
                 assert!(req.data_len <= cfg.max_transfer_bytes, "over max transfer");
                 assert!(req.iovecs.len() <= (cfg.seg_max as usize).saturating_add(2));
                 let end = req.sector.checked_add(u64::from(req.data_len / 512));
-                assert!(end.is_some_and(|e| e <= cfg.capacity_sectors), "past capacity");
-                assert!(!(req.kind == RequestKind::Write && cfg.read_only), "write to RO");
+                assert!(
+                    end.is_some_and(|e| e <= cfg.capacity_sectors),
+                    "past capacity"
+                );
+                assert!(
+                    !(req.kind == RequestKind::Write && cfg.read_only),
+                    "write to RO"
+                );
             }
             RequestKind::GetId => assert!(total <= 20, "GET_ID iovecs past 20 bytes"),
             RequestKind::Flush => {}
@@ -293,7 +330,10 @@ fn check_popped(guest: &GuardedGuest, scenario: &Scenario, p: &Popped) {
                 for r in &req.ranges {
                     assert!(r.num_sectors > 0, "empty range kept");
                     let end = r.sector.checked_add(u64::from(r.num_sectors));
-                    assert!(end.is_some_and(|e| e <= cfg.capacity_sectors), "range past end");
+                    assert!(
+                        end.is_some_and(|e| e <= cfg.capacity_sectors),
+                        "range past end"
+                    );
                     assert!(!r.unmap || wz, "UNMAP on a discard");
                 }
             }
@@ -391,11 +431,17 @@ fn compare_with_virtio_queue(
             assert_eq!(ours.len(), theirs.len(), "popped counts differ");
         }
         DrainEnd::Broken(Broken::AheadOfQueue { .. }) => {
-            assert!(!iter_ok, "virtio-queue accepted an avail index a queue ahead");
+            assert!(
+                !iter_ok,
+                "virtio-queue accepted an avail index a queue ahead"
+            );
         }
         // virtio-queue ends the iteration where the walker stops the queue.
         DrainEnd::Broken(Broken::Ring(_)) => {
-            assert!(theirs.len() <= ours.len(), "virtio-queue popped past a broken ring");
+            assert!(
+                theirs.len() <= ours.len(),
+                "virtio-queue popped past a broken ring"
+            );
         }
         DrainEnd::Throttled => unreachable!("no room limit"),
     }
@@ -407,7 +453,10 @@ fn compare_with_virtio_queue(
             assert_eq!(p.result, Err(ParseError::DescriptorChain));
             continue;
         }
-        assert_eq!(&p.result, result, "parse_walk and parse disagree on head {head}");
+        assert_eq!(
+            &p.result, result,
+            "parse_walk and parse disagree on head {head}"
+        );
         same_request(&p.request, req);
     }
 }
@@ -437,7 +486,10 @@ fn probe_snapshot(guest: &GuardedGuest, regions: &GuestRegions, scenario: &Scena
             .is_ok_and(|l| mem.check_range(GuestAddress(addr), l, Permissions::Read));
         if let Some(p) = regions.host(addr, len) {
             assert!(guest.inside(p, len as usize), "host() outside the regions");
-            assert!(in_vm_memory, "host() mapped a range vm-memory does not have");
+            assert!(
+                in_vm_memory,
+                "host() mapped a range vm-memory does not have"
+            );
         }
         assert_eq!(
             regions.contains(addr, len),
@@ -445,14 +497,21 @@ fn probe_snapshot(guest: &GuardedGuest, regions: &GuestRegions, scenario: &Scena
             "contains({addr:#x}, {len}) disagrees with vm-memory"
         );
         for piece in regions.pieces(addr, len).flatten() {
-            assert!(guest.inside(piece.0, piece.1), "pieces() outside the regions");
+            assert!(
+                guest.inside(piece.0, piece.1),
+                "pieces() outside the regions"
+            );
         }
         if len <= 2 * guest::PAGE as u64 {
             let mut ours = vec![0u8; len as usize];
             let mut theirs = vec![0u8; len as usize];
             let ok = regions.read(addr, &mut ours);
             let vm_ok = mem.read_slice(&mut theirs, GuestAddress(addr)).is_ok();
-            assert_eq!(ok, vm_ok || len == 0, "read({addr:#x}, {len}) succeeds differently");
+            assert_eq!(
+                ok,
+                vm_ok || len == 0,
+                "read({addr:#x}, {len}) succeeds differently"
+            );
             if ok && vm_ok {
                 assert_eq!(ours, theirs, "read() returned other bytes than vm-memory");
             }

@@ -404,7 +404,10 @@ impl Generator<'_, '_> {
         let mut descs = vec![(header_addr, header_len, 0u16)];
         let device_writes = matches!(request_type & !VIRTIO_BLK_T_BARRIER, 0 | 8);
         for _ in 0..self.u.int_in_range(0u8..=3)? {
-            let ranges = matches!(request_type, VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES);
+            let ranges = matches!(
+                request_type,
+                VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES
+            );
             let segments = u32::from(pick(self.u, &[(3, 1..=1), (1, 2..=3)])?);
             let len = match self.u.int_in_range(0u8..=3)? {
                 0 => length(self.u)?,
@@ -567,7 +570,9 @@ impl Generator<'_, '_> {
         for k in 0..count.min(ring.size).min(MAX_AVAIL_WRITES) {
             let position = start.wrapping_add(k) % ring.size;
             let head = match self.u.int_in_range(0u8..=5)? {
-                0..=3 if !self.heads.is_empty() => self.heads[self.u.choose_index(self.heads.len())?],
+                0..=3 if !self.heads.is_empty() => {
+                    self.heads[self.u.choose_index(self.heads.len())?]
+                }
                 0..=4 => self.u.int_in_range(0..=ring.size - 1)?,
                 _ => self.u.arbitrary()?,
             };

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use blk_proto::{
-    parse, parse_walk, ChainError, DeviceConfig, GuestRegions, ParseError, Request,
-    RequestHeader, SplitRing,
+    parse, parse_walk, ChainError, DeviceConfig, GuestRegions, ParseError, Request, RequestHeader,
+    SplitRing,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
