@@ -547,10 +547,10 @@ impl Generator<'_, '_> {
             3 => self.u.arbitrary()?,
             _ => self.u.int_in_range(1..=size.clamp(1, 8))?,
         };
-        // Queues larger than the server's (the walker takes any size) pop at most as many
-        // chains as the server's largest would: the rest only costs time.
-        Ok(if count <= size && count > MAX_SERVER_QUEUE {
-            count % (MAX_SERVER_QUEUE + 1)
+        // Queues larger than the server's (the walker takes any size, and each chain may walk
+        // the whole table) pop a few chains: more only costs time.
+        Ok(if count <= size && size > MAX_SERVER_QUEUE {
+            count % 17
         } else {
             count
         })
