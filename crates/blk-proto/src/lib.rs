@@ -10,7 +10,8 @@
 //! Chain errors ([`ParseError::status`] is `None`: there is no trustworthy status byte; the
 //! chain is returned with used length 0):
 //! - the chain must end normally: a bad indirect table, a next index outside the table, a loop
-//!   or a chain longer than its table, or more than 4 GiB in total -> `DescriptorChain`;
+//!   or a chain longer than its table, more than 4 GiB in total, or (walked from the split
+//!   ring) more descriptors than the queue size -> `DescriptorChain`;
 //! - every device-readable descriptor precedes every device-writable one
 //!   (`ReadableAfterWritable`);
 //! - the 16-byte header `{type, ioprio, sector}` is gathered from the start of the readable
