@@ -50,10 +50,12 @@ pub mod config;
 pub mod guest_regions;
 pub mod request;
 pub mod split_ring;
+pub mod used_ring;
 pub mod wire;
 
 pub use config::{parse_config_write, ConfigError, DeviceConfig};
 pub use guest_regions::GuestRegions;
 pub use request::{parse, parse_walk, ParseError, Range, Request, RequestKind};
 pub use split_ring::{ChainError, DescriptorWalk, MappedRing, RingError, SplitRing};
+pub use used_ring::{MappedUsedRing, UsedRing};
 pub use wire::*;
