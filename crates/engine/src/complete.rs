@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use blk_proto::{RequestKind, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
-use crate::bounce::{scatter_to_iovecs, BOUNCE_POOL};
+use crate::bounce::scatter_to_iovecs;
 use crate::dispatch::Lane;
 use crate::iovec::{advance_iovecs, ranges_bytes, write_status};
 use crate::stats::StatKind;
@@ -164,9 +164,7 @@ impl Engine {
                     scatter_to_iovecs(&f.req.iovecs, &bounce, f.req.data_len as usize);
                 }
             }
-            if self.bounce_pool.len() < BOUNCE_POOL {
-                self.bounce_pool.push(bounce);
-            }
+            self.return_bounce(bounce);
         }
         for i in 0..op.requests.len() {
             let rk = op.requests[i];

@@ -8,6 +8,9 @@ use blk_proto::VIRTIO_BLK_ID_BYTES;
 use crate::merge::MergeLimits;
 use crate::ring::RingSetup;
 
+/// The default bounce budget of one iothread.
+pub const DEFAULT_BOUNCE_BUDGET: usize = 64 << 20;
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Requests in flight at once (the sum of the thread's queue sizes is always enough).
@@ -37,6 +40,9 @@ pub struct EngineConfig {
     pub iowq_max_workers: u32,
     /// Register guest memory as fixed buffers (READ(V)_FIXED / WRITE(V)_FIXED).
     pub fixed_buffers: bool,
+    /// Bytes of O_DIRECT bounce buffers this engine may hold at once; a request that does not
+    /// fit waits. One request larger than this is still served, alone.
+    pub bounce_budget: usize,
 }
 
 impl EngineConfig {

@@ -47,13 +47,14 @@ use std::time::{Duration, Instant};
 use blk_proto::Request;
 use slab::Slab;
 
-pub use config::EngineConfig;
+pub use bounce::BounceStats;
+pub use config::{EngineConfig, DEFAULT_BOUNCE_BUDGET};
 pub use merge::MergeLimits;
 pub use ring::{RingCounters, RingMode, RingSetup};
 pub use stats::{QueueStats, StatKind};
 pub use storage::{ImageOptions, Storage, StorageError, StorageKind};
 
-use bounce::BounceBuffer;
+use bounce::BouncePool;
 use dispatch::Lane;
 use fixed::FixedBuffers;
 use merge::RwItem;
@@ -106,7 +107,7 @@ pub struct Engine {
     inflight_per_queue: Vec<u32>,
     ops: Slab<Op>,
     op_pool: Vec<Op>,
-    bounce_pool: Vec<BounceBuffer>,
+    bounce: BouncePool,
     /// Requests enqueued since the last submit, in arrival order.
     batch: Vec<usize>,
     rw_items: Vec<RwItem>,
@@ -202,12 +203,12 @@ impl Engine {
             io_fixed: 0,
             io_plain: 0,
             eventfd,
+            bounce: BouncePool::new(cfg.bounce_budget, storage.dio_mem_align() as usize),
             storage,
             inflight: Slab::with_capacity(cfg.max_requests),
             inflight_per_queue: vec![0; cfg.num_queues],
             ops: Slab::with_capacity(cfg.max_requests),
             op_pool,
-            bounce_pool: Vec::new(),
             batch: Vec::with_capacity(cfg.max_requests),
             rw_items: Vec::with_capacity(cfg.max_requests),
             groups: Vec::with_capacity(cfg.max_requests),

@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 
 use blk_proto::RequestKind;
 
-use crate::bounce::{gather_from_iovecs, BounceBuffer};
 use crate::merge::{self, RwItem};
 use crate::op::Op;
 use crate::storage::IoKind;
@@ -112,6 +111,11 @@ impl Engine {
         for g in 0..self.groups.len() {
             let (start, end) = self.groups[g];
             let first = self.rw_items[start];
+            if !first.mergeable {
+                // Through a bounce buffer, alone (the planner never merges these).
+                self.issue_bounced(first.key);
+                continue;
+            }
             let kind = if first.write {
                 IoKind::Write
             } else {
@@ -124,30 +128,12 @@ impl Engine {
                 f.pending_ops += 1;
                 op.requests.push(it.key);
                 op.remaining += u64::from(f.req.data_len);
-                if !f.needs_bounce {
-                    op.iovecs.extend_from_slice(&f.req.iovecs);
-                }
+                op.iovecs.extend_from_slice(&f.req.iovecs);
             }
             if end - start > 1 {
                 if let Some(s) = self.stats.get_mut(self.inflight[first.key].queue as usize) {
                     s.merged += (end - start - 1) as u64;
                 }
-            }
-            if !first.mergeable {
-                let len = op.remaining as usize;
-                let pos = self.bounce_pool.iter().position(|b| b.capacity() >= len);
-                let bounce = match pos {
-                    Some(i) => self.bounce_pool.swap_remove(i),
-                    None => BounceBuffer::new(len),
-                };
-                if first.write {
-                    gather_from_iovecs(&self.inflight[first.key].req.iovecs, &bounce, len);
-                }
-                op.iovecs.push(libc::iovec {
-                    iov_base: bounce.ptr.as_ptr().cast(),
-                    iov_len: len,
-                });
-                op.bounce = Some(bounce);
             }
             let key = self.ops.insert(op);
             self.push_op(key);

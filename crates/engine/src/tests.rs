@@ -35,6 +35,7 @@ fn config(writeback: bool) -> EngineConfig {
         cpu: None,
         iowq_max_workers: 0,
         fixed_buffers: true,
+        bounce_budget: DEFAULT_BOUNCE_BUDGET,
     }
 }
 

@@ -107,6 +107,13 @@ pub struct Cli {
     #[arg(long, value_name = "KIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
     pub merge_max_kib: u64,
 
+    /// O_DIRECT bounce memory per iothread, in MiB: requests whose guest buffers miss the
+    /// image's DIO alignment are copied through aligned buffers drawn from this budget; one
+    /// that does not fit waits for memory to come back. A request larger than the whole budget
+    /// is still served, alone.
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub bounce_budget_mib: u64,
+
     /// Do not register guest memory with the rings as fixed buffers (plain READV/WRITEV,
     /// which pin the pages of every request anew).
     #[arg(long)]

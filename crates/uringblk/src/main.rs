@@ -154,6 +154,7 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Storage>), String> {
             ring_setup: cli.ring_setup,
             iowq_max_workers: cli.iowq_max_workers,
             fixed_buffers: !cli.no_fixed_buffers,
+            bounce_budget: usize::try_from(cli.bounce_budget_mib << 20).unwrap_or(usize::MAX),
         },
         storage.clone(),
     )

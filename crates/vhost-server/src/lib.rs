@@ -73,6 +73,8 @@ pub struct ServerConfig {
     pub iowq_max_workers: u32,
     /// Register guest memory with each ring as fixed buffers.
     pub fixed_buffers: bool,
+    /// Bytes of O_DIRECT bounce buffers each iothread may hold at once.
+    pub bounce_budget: usize,
 }
 
 /// Spreads `queues` over `threads` as evenly as possible, contiguous runs per thread.
@@ -220,6 +222,7 @@ impl BlkBackend {
                     cpu: cfg.cpus.get(t).copied(),
                     iowq_max_workers: cfg.iowq_max_workers,
                     fixed_buffers: cfg.fixed_buffers,
+                    bounce_budget: cfg.bounce_budget,
                 },
             )?;
             ports.push(ControlPort::new(t).map_err(ServerError::Control)?);

@@ -30,6 +30,7 @@ fn backend(queues: u16, iothreads: usize) -> BlkBackend {
             ring_setup: engine::RingSetup::Auto,
             iowq_max_workers: 0,
             fixed_buffers: true,
+            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
         },
         Arc::new(Storage::null(1 << 20)),
     )
@@ -231,6 +232,7 @@ fn bad_thread_and_cpu_counts_are_refused() {
                 ring_setup: engine::RingSetup::Auto,
                 iowq_max_workers: 0,
                 fixed_buffers: true,
+                bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
             },
             Arc::new(Storage::null(1 << 20)),
         )
@@ -261,6 +263,7 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
             ring_setup: engine::RingSetup::Auto,
             iowq_max_workers: 0,
             fixed_buffers: true,
+            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
         },
         Arc::new(Storage::null(1 << 20)),
     )

@@ -155,7 +155,7 @@ impl Storage {
             return Err(StorageError::Empty { path: path.into() });
         }
         let (dio_mem_align, dio_offset_align) = if opts.direct {
-            dio_alignment(&file).unwrap_or((512, 512))
+            dio_alignment(&file, kind)
         } else {
             (1, 1)
         };
@@ -217,6 +217,10 @@ impl Storage {
         self.dio_mem_align
     }
 
+    pub fn dio_offset_align(&self) -> u32 {
+        self.dio_offset_align
+    }
+
     pub(crate) fn raw_fd(&self) -> Option<RawFd> {
         self.file.as_ref().map(|f| f.as_raw_fd())
     }
@@ -235,8 +239,23 @@ impl Storage {
     }
 }
 
-/// O_DIRECT alignment (memory, offset) from statx(STATX_DIOALIGN), when the kernel tells it.
-fn dio_alignment(file: &File) -> Option<(u32, u32)> {
+/// O_DIRECT alignment (memory, offset): what statx(STATX_DIOALIGN) says (kernel 6.1+ for
+/// files, 6.11+ for block devices); else, for a block device, its logical block size for both
+/// (what the block layer required before it relaxed memory alignment); else 512.
+fn dio_alignment(file: &File, kind: StorageKind) -> (u32, u32) {
+    if let Some(align) = statx_dio_alignment(file) {
+        return align;
+    }
+    if kind == StorageKind::BlockDevice {
+        if let Some(lbs) = logical_block_size(file) {
+            return (lbs, lbs);
+        }
+    }
+    (512, 512)
+}
+
+/// (memory, offset) from statx(STATX_DIOALIGN), when the kernel tells it.
+fn statx_dio_alignment(file: &File) -> Option<(u32, u32)> {
     // SAFETY: statx is a plain C struct for which all-zero bytes are a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd, empty path with AT_EMPTY_PATH, and a pointer to a statx we own.
@@ -252,5 +271,16 @@ fn dio_alignment(file: &File) -> Option<(u32, u32)> {
     if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
         return None;
     }
-    Some((stx.stx_dio_mem_align.max(1), stx.stx_dio_offset_align))
+    Some((
+        stx.stx_dio_mem_align.max(1).next_power_of_two(),
+        stx.stx_dio_offset_align.next_power_of_two(),
+    ))
+}
+
+/// A block device's logical block size (BLKSSZGET).
+pub(crate) fn logical_block_size(file: &File) -> Option<u32> {
+    let mut lbs: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points at an int we own.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut lbs) };
+    (rc == 0 && lbs > 0 && (lbs as u32).is_power_of_two()).then_some(lbs as u32)
 }

@@ -393,6 +393,7 @@ impl Device {
                 ring_setup: engine::RingSetup::Auto,
                 iowq_max_workers: 0,
                 fixed_buffers: true,
+                bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
             },
             storage,
         )
