@@ -11,7 +11,7 @@ use crate::bounce::scatter_to_iovecs;
 use crate::dispatch::Lane;
 use crate::iovec::{advance_iovecs, ranges_bytes, write_status};
 use crate::stats::StatKind;
-use crate::storage::IoKind;
+use crate::storage::{IoKind, StorageKind};
 use crate::uring::LINKED_FIRST;
 use crate::{Completion, Engine, EngineError};
 
@@ -38,6 +38,7 @@ impl Engine {
     /// [`Engine::take_completions`]. A failing io_uring_enter is returned, but only after
     /// every CQE already in the CQ has been handled: nothing reaped is dropped.
     pub fn reap(&mut self) -> Result<(), EngineError> {
+        self.reap_ioctl_discards();
         self.refill_from_backlog();
         if self.in_external > 0 {
             self.reap_external();
@@ -111,6 +112,17 @@ impl Engine {
             if op.retries <= MAX_RETRIES {
                 self.push_op(key);
                 return;
+            }
+        }
+        if op.kind == IoKind::Discard && self.storage.kind() == StorageKind::BlockDevice {
+            if !op.alternate && !self.discarder.command_result(res) {
+                // No io_uring discard command here: the same op again, by BLKDISCARD.
+                op.alternate = true;
+                self.push_op(key);
+                return;
+            }
+            if res >= 0 {
+                self.discarder.count(op.alternate);
             }
         }
         let mut error = None;
@@ -245,7 +257,8 @@ impl Engine {
                     std::thread::sleep(slice.min(Duration::from_millis(10)));
                     last_error = Some(EngineError::Enter(e));
                 }
-            } else if self.in_external > 0 {
+            } else if self.in_external > 0 || self.ioctl_discards_outstanding() > 0 {
+                // Results that come through the eventfd, not the CQ.
                 self.wait_eventfd(slice);
             } else if self.ops.is_empty() && self.backlog.is_empty() && self.batch.is_empty() {
                 // Requests in flight with no op to finish them: nothing will.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use blk_proto::VIRTIO_BLK_ID_BYTES;
 
+use crate::discard::BlockDiscard;
 use crate::merge::MergeLimits;
 use crate::ring::RingSetup;
 
@@ -43,6 +44,8 @@ pub struct EngineConfig {
     /// Bytes of O_DIRECT bounce buffers this engine may hold at once; a request that does not
     /// fit waits. One request larger than this is still served, alone.
     pub bounce_budget: usize,
+    /// How DISCARD reaches a block device (the io_uring command where the kernel has it).
+    pub block_discard: BlockDiscard,
 }
 
 impl EngineConfig {

@@ -22,6 +22,7 @@ impl Engine {
     /// backlog.
     pub(crate) fn push_op(&mut self, key: usize) {
         match &self.lane {
+            Lane::Ring if self.goes_by_ioctl(key) => self.discard_by_ioctl(key),
             Lane::Ring => self.push_to_ring(key),
             Lane::External(..) => self.start_external(key),
             Lane::None => self.finish_op(key, Some(libc::EIO)),

@@ -24,6 +24,7 @@
 mod bounce;
 mod complete;
 mod config;
+mod discard;
 mod dispatch;
 mod fixed;
 mod intake;
@@ -49,12 +50,14 @@ use slab::Slab;
 
 pub use bounce::BounceStats;
 pub use config::{EngineConfig, DEFAULT_BOUNCE_BUDGET};
+pub use discard::{BlockDiscard, BlockDiscardCounts};
 pub use merge::MergeLimits;
 pub use ring::{RingCounters, RingMode, RingSetup};
 pub use stats::{QueueStats, StatKind};
 pub use storage::{ImageOptions, Storage, StorageError, StorageKind};
 
 use bounce::BouncePool;
+use discard::Discarder;
 use dispatch::Lane;
 use fixed::FixedBuffers;
 use merge::RwItem;
@@ -108,6 +111,7 @@ pub struct Engine {
     ops: Slab<Op>,
     op_pool: Vec<Op>,
     bounce: BouncePool,
+    discarder: Discarder,
     /// Requests enqueued since the last submit, in arrival order.
     batch: Vec<usize>,
     rw_items: Vec<RwItem>,
@@ -203,6 +207,7 @@ impl Engine {
             io_fixed: 0,
             io_plain: 0,
             eventfd,
+            discarder: Discarder::new(cfg.block_discard),
             bounce: BouncePool::new(cfg.bounce_budget, storage.dio_mem_align() as usize),
             storage,
             inflight: Slab::with_capacity(cfg.max_requests),

@@ -25,6 +25,7 @@ pub(crate) struct Op {
     /// Discard / write-zeroes: a data sync follows before completion (the write cache is off).
     pub(crate) sync_after: bool,
     /// Write-zeroes: the preferred way was unsupported, the other one is being tried.
+    /// Discard of a block device: going by BLKDISCARD (the io_uring command is not there).
     pub(crate) alternate: bool,
     /// EAGAIN resubmissions so far.
     pub(crate) retries: u32,

@@ -36,6 +36,7 @@ fn config(writeback: bool) -> EngineConfig {
         iowq_max_workers: 0,
         fixed_buffers: true,
         bounce_budget: DEFAULT_BOUNCE_BUDGET,
+        block_discard: BlockDiscard::Auto,
     }
 }
 

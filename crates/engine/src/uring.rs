@@ -3,8 +3,9 @@
 
 use io_uring::{opcode, squeue, types};
 
+use crate::discard;
 use crate::fixed;
-use crate::storage::IoKind;
+use crate::storage::{IoKind, StorageKind};
 use crate::Engine;
 
 const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -80,7 +81,13 @@ impl Engine {
                     .build(),
                 None,
             ),
-            // Block devices take these as fallocate too (the kernel zeroes the range).
+            // A real discard of a block device (discard.rs); BLKDISCARD ops never get here.
+            IoKind::Discard if self.storage.kind() == StorageKind::BlockDevice => {
+                (discard::discard_sqe(fd, op.offset, op.remaining), None)
+            }
+            // A file punches a hole. On a block device write-zeroes is fallocate too, which
+            // the kernel turns into a zero-out: ZERO_RANGE keeps the blocks (BLKZEROOUT's
+            // semantics), PUNCH_HOLE lets the device unmap them.
             IoKind::Discard | IoKind::WriteZeroes { .. } => (
                 opcode::Fallocate::new(fd, op.remaining)
                     .offset(op.offset)

@@ -223,6 +223,7 @@ impl BlkBackend {
                     iowq_max_workers: cfg.iowq_max_workers,
                     fixed_buffers: cfg.fixed_buffers,
                     bounce_budget: cfg.bounce_budget,
+                    block_discard: engine::BlockDiscard::Auto,
                 },
             )?;
             ports.push(ControlPort::new(t).map_err(ServerError::Control)?);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blk_proto::{Range, RequestKind, VIRTIO_BLK_ID_BYTES};
-use engine::{Engine, EngineConfig, MergeLimits, RingSetup, DEFAULT_BOUNCE_BUDGET};
+use engine::{BlockDiscard, Engine, EngineConfig, MergeLimits, RingSetup, DEFAULT_BOUNCE_BUDGET};
 
 /// Prints why a test cannot run and returns; under CI a missing prerequisite is a failure.
 pub fn skip(reason: &str) {
@@ -100,6 +100,7 @@ pub fn config(bounce_budget: usize) -> EngineConfig {
         iowq_max_workers: 0,
         fixed_buffers: false,
         bounce_budget,
+        block_discard: BlockDiscard::Auto,
     }
 }
 
