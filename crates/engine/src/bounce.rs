@@ -84,6 +84,9 @@ pub(crate) struct BouncePool {
     idle: Vec<BounceBuffer>,
     /// Keys of requests waiting for bounce memory, oldest first.
     waiting: VecDeque<usize>,
+    /// Issuing waiting requests now (an op that fails at once gives its buffer back from
+    /// inside that loop, which must not start another).
+    draining: bool,
     stats: BounceStats,
 }
 
@@ -97,6 +100,7 @@ impl BouncePool {
             lent: 0,
             idle: Vec::new(),
             waiting: VecDeque::new(),
+            draining: false,
             stats: BounceStats::default(),
         }
     }
@@ -219,12 +223,17 @@ impl Engine {
     /// bounce memory go out while it lasts.
     pub(crate) fn return_bounce(&mut self, bounce: BounceBuffer) {
         self.bounce.give_back(bounce);
+        if self.bounce.draining {
+            return;
+        }
+        self.bounce.draining = true;
         while let Some(&key) = self.bounce.waiting.front() {
             if !self.try_issue_bounced(key) {
                 break;
             }
             self.bounce.waiting.pop_front();
         }
+        self.bounce.draining = false;
     }
 
     /// Bounce buffer counters of this engine.

@@ -263,4 +263,19 @@ mod tests {
         assert_eq!(parse_block_size("4096"), Ok(4096));
         assert!(parse_block_size("1024").is_err());
     }
+
+    #[test]
+    fn the_bounce_budget_defaults_to_64_mib_and_is_never_zero() {
+        let base = ["uringblk", "--socket", "/tmp/s", "--null", "1G"];
+        let cli = Cli::try_parse_from(base).expect("defaults parse");
+        assert_eq!(cli.bounce_budget_mib, 64);
+        let with = |v: &str| {
+            let mut args = base.to_vec();
+            args.extend(["--bounce-budget-mib", v]);
+            Cli::try_parse_from(args)
+        };
+        assert_eq!(with("1").expect("1 MiB").bounce_budget_mib, 1);
+        assert!(with("0").is_err());
+        assert!(with("x").is_err());
+    }
 }
