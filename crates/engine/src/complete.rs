@@ -37,6 +37,7 @@ impl Engine {
     /// backend), finishing ops and requests. Completions accumulate until taken with
     /// [`Engine::take_completions`]. A failing io_uring_enter is returned, but only after
     /// every CQE already in the CQ has been handled: nothing reaped is dropped.
+    #[inline]
     pub fn reap(&mut self) -> Result<(), EngineError> {
         self.reap_ioctl_discards();
         self.refill_from_backlog();
@@ -70,6 +71,7 @@ impl Engine {
     }
 
     /// Handles what the external backend reported (ops it restarts report again later).
+    #[inline]
     fn reap_external(&mut self) {
         let Lane::External(_, done) = &self.lane else {
             return;
@@ -89,6 +91,7 @@ impl Engine {
     }
 
     /// Handles one completion: `res` as a CQE's (bytes, 0 or -errno).
+    #[inline(always)]
     pub(crate) fn on_cqe(&mut self, user_data: u64, res: i32) {
         let key = (user_data & !LINKED_FIRST) as usize;
         let Some(op) = self.ops.get_mut(key) else {
@@ -156,6 +159,7 @@ impl Engine {
         self.finish_op(key, error);
     }
 
+    #[inline]
     pub(crate) fn finish_op(&mut self, key: usize, error: Option<i32>) {
         let mut op = self.ops.remove(key);
         if let Some(errno) = error {
@@ -194,6 +198,7 @@ impl Engine {
         self.op_pool.push(op);
     }
 
+    #[inline]
     pub(crate) fn complete_request(&mut self, key: usize) {
         let f = self.inflight.remove(key);
         write_status(&f.req, f.status);

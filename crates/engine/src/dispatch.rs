@@ -20,6 +20,7 @@ pub(crate) enum Lane {
 impl Engine {
     /// Hands an op to its backend. Never loses it: an op that cannot go now waits in the
     /// backlog.
+    #[inline]
     pub(crate) fn push_op(&mut self, key: usize) {
         match &self.lane {
             Lane::Ring if self.goes_by_ioctl(key) => self.discard_by_ioctl(key),
@@ -42,6 +43,7 @@ impl Engine {
 
     /// Moves backlogged ops to the ring while it has room (each at most once per call: one
     /// the ring does not take goes back to the end).
+    #[inline]
     pub(crate) fn refill_from_backlog(&mut self) {
         for _ in 0..self.backlog.len() {
             if self.in_ring >= self.ring_capacity {

@@ -2,6 +2,7 @@
 
 use blk_proto::Request;
 
+#[inline]
 pub(crate) fn ranges_bytes(req: &Request) -> u64 {
     req.ranges
         .iter()
@@ -9,6 +10,7 @@ pub(crate) fn ranges_bytes(req: &Request) -> u64 {
         .sum()
 }
 
+#[inline]
 pub(crate) fn write_status(req: &Request, status: u8) {
     if req.status.is_null() {
         return;

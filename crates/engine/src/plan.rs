@@ -52,12 +52,14 @@ impl Engine {
         })
     }
 
+    #[inline]
     pub(crate) fn issue_flush(&mut self, key: usize) {
         let op = self.new_op(IoKind::Flush, 0, key);
         self.push_op(op);
     }
 
     /// A pooled op, reset for `kind` at `offset`, carrying no request yet.
+    #[inline]
     pub(crate) fn take_op(&mut self, kind: IoKind, offset: u64) -> Op {
         let mut op = self.op_pool.pop().unwrap_or_else(Op::new);
         op.kind = kind;
@@ -72,10 +74,12 @@ impl Engine {
     }
 
     /// The write cache is off: write-type ops are durable before they complete.
+    #[inline]
     pub(crate) fn writethrough(&self) -> bool {
         !self.cfg.writeback.load(Ordering::Relaxed)
     }
 
+    #[inline]
     pub(crate) fn new_op(&mut self, kind: IoKind, offset: u64, key: usize) -> usize {
         let mut op = self.take_op(kind, offset);
         op.requests.push(key);

@@ -273,8 +273,14 @@ impl Ring {
     /// # Safety
     /// Every buffer the entries point to must stay valid until their CQEs are reaped.
     pub(crate) unsafe fn push_all(&mut self, entries: &[squeue::Entry]) -> bool {
-        // SAFETY: the caller keeps the entries' buffers alive until completion.
-        unsafe { self.uring.submission().push_multiple(entries) }.is_ok()
+        let mut sq = self.uring.submission();
+        // One entry (the common case) without push_multiple's loop.
+        match entries {
+            // SAFETY: the caller keeps the entry's buffers alive until completion.
+            [one] => unsafe { sq.push(one) }.is_ok(),
+            // SAFETY: the caller keeps every entry's buffers alive until completion.
+            _ => unsafe { sq.push_multiple(entries) }.is_ok(),
+        }
     }
 
     /// SQEs queued and not yet handed to the kernel.

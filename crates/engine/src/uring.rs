@@ -12,6 +12,7 @@ const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
 /// The fallocate mode of a discard or write-zeroes op (`alternate`: after EOPNOTSUPP).
+#[inline]
 fn fallocate_mode(kind: IoKind, alternate: bool) -> i32 {
     match (kind, alternate) {
         (IoKind::WriteZeroes { unmap: true }, true) => ZERO,
@@ -27,6 +28,7 @@ pub(crate) const LINKED_FIRST: u64 = 1 << 63;
 
 impl Engine {
     /// The SQE of an op, and for reads and writes whether it uses a fixed buffer.
+    #[inline(always)]
     pub(crate) fn sqe(&self, key: usize) -> (squeue::Entry, Option<bool>) {
         let op = &self.ops[key];
         debug_assert!(
@@ -102,6 +104,7 @@ impl Engine {
     /// Puts an op on the ring, or in the backlog while the ring holds as many ops as its CQ
     /// has room for. An op that cannot be pushed because the ring refuses to take SQEs
     /// (io_uring_enter fails) completes its requests with IOERR at once.
+    #[inline]
     pub(crate) fn push_to_ring(&mut self, key: usize) {
         let sync_after = self.ops[key].sync_after;
         let cqes = if sync_after { 2 } else { 1 };
