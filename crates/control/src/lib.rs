@@ -11,5 +11,5 @@ pub mod protocol;
 pub mod server;
 
 pub use client::{request, ClientError};
-pub use protocol::{CacheMode, Command, ProtocolError, Reply};
+pub use protocol::{Command, ProtocolError, Reply};
 pub use server::{ControlHandler, ControlServer, ServerError};

@@ -5,8 +5,7 @@
 //! | `{"command": "stats"}` | per-queue and per-iothread statistics (SIGUSR1's JSON) |
 //! | `{"command": "info"}` | image, capacity, features, connection, queues, iothreads |
 //! | `{"command": "flush"}` | `null` once everything written so far is durable |
-//! | `{"command": "write-cache"}` | `{"mode": "writeback"|"writethrough", ...}` |
-//! | `{"command": "write-cache", "mode": "writethrough"}` | the same, after the change |
+//! | `{"command": "write-cache"}` | `{"mode": "writeback"|"writethrough"}`: the mode in force |
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -15,31 +14,14 @@ use serde_json::{json, Value};
 /// few dozen bytes).
 pub const MAX_LINE: usize = 4096;
 
-/// The host write cache as the operator sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CacheMode {
-    Writeback,
-    Writethrough,
-}
-
-impl CacheMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            CacheMode::Writeback => "writeback",
-            CacheMode::Writethrough => "writethrough",
-        }
-    }
-}
-
 /// A parsed control request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     Stats,
     Info,
     Flush,
-    /// Read the write-cache mode, or set it when `Some`.
-    WriteCache(Option<CacheMode>),
+    /// The write-cache mode in force (as the driver negotiated it).
+    WriteCache,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -66,14 +48,6 @@ struct NoArguments {
     command: String,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WriteCacheArguments {
-    #[allow(dead_code)]
-    command: String,
-    mode: Option<CacheMode>,
-}
-
 impl Command {
     /// Parses one request line (without its newline).
     pub fn parse(line: &str) -> Result<Command, ProtocolError> {
@@ -90,19 +64,11 @@ impl Command {
             .and_then(Value::as_str)
             .ok_or(ProtocolError::NoCommand)?
             .to_string();
-        let bad = |command: &'static str| {
-            move |e: serde_json::Error| ProtocolError::BadArguments {
-                command,
-                reason: e.to_string(),
-            }
-        };
         match name.as_str() {
             "stats" => no_arguments(value, "stats").map(|_| Command::Stats),
             "info" => no_arguments(value, "info").map(|_| Command::Info),
             "flush" => no_arguments(value, "flush").map(|_| Command::Flush),
-            "write-cache" => serde_json::from_value::<WriteCacheArguments>(value)
-                .map(|a| Command::WriteCache(a.mode))
-                .map_err(bad("write-cache")),
+            "write-cache" => no_arguments(value, "write-cache").map(|_| Command::WriteCache),
             _ => Err(ProtocolError::Unknown(name)),
         }
     }
@@ -113,8 +79,7 @@ impl Command {
             Command::Stats => json!({"command": "stats"}),
             Command::Info => json!({"command": "info"}),
             Command::Flush => json!({"command": "flush"}),
-            Command::WriteCache(None) => json!({"command": "write-cache"}),
-            Command::WriteCache(Some(m)) => json!({"command": "write-cache", "mode": m.name()}),
+            Command::WriteCache => json!({"command": "write-cache"}),
         };
         v.to_string()
     }
@@ -171,9 +136,7 @@ mod tests {
             Command::Stats,
             Command::Info,
             Command::Flush,
-            Command::WriteCache(None),
-            Command::WriteCache(Some(CacheMode::Writethrough)),
-            Command::WriteCache(Some(CacheMode::Writeback)),
+            Command::WriteCache,
         ] {
             assert_eq!(Command::parse(&cmd.to_line()), Ok(cmd));
         }
@@ -206,7 +169,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            Command::parse(r#"{"command": "write-cache", "mode": "sometimes"}"#),
+            Command::parse(r#"{"command": "write-cache", "mode": "writeback"}"#),
             Err(ProtocolError::BadArguments {
                 command: "write-cache",
                 ..

@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use control::{request, CacheMode, Command, ControlHandler, ControlServer, Reply, ServerError};
+use control::{request, Command, ControlHandler, ControlServer, Reply, ServerError};
 use serde_json::{json, Value};
 
 #[derive(Default)]
@@ -55,8 +55,10 @@ fn commands_reach_the_handler_and_errors_come_back() {
         request(&path, &Command::Flush, T).unwrap(),
         Reply::Error("flush failed: EIO".into())
     );
-    let set = Command::WriteCache(Some(CacheMode::Writethrough));
-    assert_eq!(request(&path, &set, T).unwrap(), Reply::Ok(Value::Null));
+    assert_eq!(
+        request(&path, &Command::WriteCache, T).unwrap(),
+        Reply::Ok(Value::Null)
+    );
 
     // Malformed and unknown requests: a JSON error each, on the same connection, and the
     // server still serves afterwards.
@@ -72,7 +74,12 @@ fn commands_reach_the_handler_and_errors_come_back() {
 
     assert_eq!(
         *handler.seen.lock().unwrap(),
-        vec![Command::Stats, Command::Flush, set, Command::Info]
+        vec![
+            Command::Stats,
+            Command::Flush,
+            Command::WriteCache,
+            Command::Info
+        ]
     );
     drop(server);
     assert!(!path.exists(), "the socket file goes with the server");

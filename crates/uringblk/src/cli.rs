@@ -11,7 +11,8 @@ use clap::Parser;
     version,
     about = "vhost-user-blk server whose dataplane is io_uring",
     after_help = "Example: uringblk --socket /tmp/uringblk.sock --image disk.img --create 1G --queues 2 --iothreads 2 --cpus 0,1\n\
-                  Signals: SIGTERM/SIGINT stop cleanly (in-flight I/O drained), SIGUSR1 prints statistics as JSON on stdout."
+                  Signals: SIGTERM/SIGINT stop cleanly (in-flight I/O drained), SIGUSR1 prints statistics as JSON on stdout.\n\
+                  A running server with --control PATH answers `uringblk ctl --control PATH COMMAND` (see `uringblk ctl --help`)."
 )]
 pub struct Cli {
     /// Unix socket the VMM (vhost-user frontend) connects to.
@@ -129,6 +130,19 @@ pub struct Cli {
     /// of them holds for writing is refused. (--null has nothing to lock.)
     #[arg(long)]
     pub no_lock: bool,
+
+    /// Control socket (unix, owner-only) for `uringblk ctl --control PATH stats|info|flush|write-cache`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9765). Loopback only
+    /// unless --metrics-allow-remote.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+
+    /// Allow --metrics on a non-loopback address (the metrics have no authentication).
+    #[arg(long, requires = "metrics")]
+    pub metrics_allow_remote: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,6 +4,8 @@
 //! signals.
 
 mod cli;
+mod ctl;
+mod operator;
 
 use std::io::Write;
 use std::path::Path;
@@ -28,6 +30,12 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
+    let mut args = std::env::args();
+    if std::env::args().nth(1).as_deref() == Some("ctl") {
+        let program = args.next().unwrap_or_else(|| "uringblk".into());
+        args.next();
+        return ctl::run(std::iter::once(format!("{program} ctl")).chain(args));
+    }
     let cli = Cli::parse();
     // The image lock is held until the process ends, across every reconnect.
     let (backend, storage, _image_lock) = match build(&cli) {
@@ -44,6 +52,38 @@ fn main() -> ExitCode {
             eprintln!("uringblk: error: cannot handle signals: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    let operator = Arc::new(operator::Operator {
+        backend: backend.clone(),
+        storage: storage.clone(),
+        image: cli.image.clone(),
+        readonly: cli.readonly,
+        queues: cli.queues,
+        iothreads: iothread_count(&cli),
+        logical_block_size: cli.logical_block_size,
+    });
+    // Both listen before the vhost-user socket exists, so a bad address fails the start.
+    let _control = match &cli.control {
+        Some(path) => match control::ControlServer::start(path, operator.clone()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("uringblk: error: {e}");
+                return ExitCode::from(USAGE);
+            }
+        },
+        None => None,
+    };
+    let _metrics = match cli.metrics {
+        Some(addr) => {
+            match metrics::MetricsServer::start(addr, cli.metrics_allow_remote, operator.clone()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    eprintln!("uringblk: error: {e}");
+                    return ExitCode::from(USAGE);
+                }
+            }
+        }
+        None => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
@@ -88,11 +128,7 @@ fn main() -> ExitCode {
 /// backend.
 fn build(cli: &Cli) -> Result<(VhostUserBlk, Arc<Storage>, Option<ImageLock>), String> {
     let cpus = cli.cpus.clone().map(|c| c.0).unwrap_or_default();
-    let iothreads = match (cli.iothreads, cpus.len()) {
-        (Some(n), _) => n as usize,
-        (None, 0) => 1,
-        (None, n) => n,
-    };
+    let iothreads = iothread_count(cli);
     if iothreads > cli.queues as usize {
         return Err(format!(
             "--iothreads {iothreads} exceeds --queues {}: each iothread needs a queue",
@@ -181,6 +217,15 @@ fn build(cli: &Cli) -> Result<(VhostUserBlk, Arc<Storage>, Option<ImageLock>), S
         cli.logical_block_size
     );
     Ok((backend, storage, image_lock))
+}
+
+/// --iothreads, else one per --cpus entry, else 1.
+fn iothread_count(cli: &Cli) -> usize {
+    match (cli.iothreads, cli.cpus.as_ref().map_or(0, |c| c.0.len())) {
+        (Some(n), _) => n as usize,
+        (None, 0) => 1,
+        (None, n) => n,
+    }
 }
 
 /// Locks the image as QEMU would lock it for this export (nothing to lock for --null).

@@ -280,20 +280,31 @@ impl VhostUserBlk {
         }
     }
 
-    /// Per-queue statistics as JSON.
-    pub fn stats_json(&self) -> serde_json::Value {
+    /// Each queue's statistics and requests in flight, summed over the iothreads (each
+    /// records only into its own queues').
+    pub fn queue_stats(&self) -> Vec<(QueueStats, u32)> {
         let n = self.0.device.num_queues as usize;
-        let mut per_queue: Vec<QueueStats> = (0..n).map(|_| QueueStats::default()).collect();
+        let mut per_queue: Vec<(QueueStats, u32)> =
+            (0..n).map(|_| (QueueStats::default(), 0)).collect();
         for i in 0..self.0.threads.len() {
             let t = self.control(i);
-            for (q, s) in per_queue.iter_mut().zip(t.engine.stats()) {
-                q.add(s);
+            for (q, ((stats, in_flight), s)) in
+                per_queue.iter_mut().zip(t.engine.stats()).enumerate()
+            {
+                stats.add(s);
+                *in_flight += t.engine.in_flight_on(q as u16);
             }
         }
+        per_queue
+    }
+
+    /// Per-queue statistics as JSON.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let per_queue = self.queue_stats();
         let queues: Vec<_> = per_queue
             .iter()
             .enumerate()
-            .map(|(q, s)| {
+            .map(|(q, (s, _))| {
                 let mut v = s.to_json();
                 v["queue"] = q.into();
                 v["iothread"] = self.0.placement[q].0.into();
