@@ -15,18 +15,25 @@
 //!   holds no INDIRECT descriptor;
 //! - the chain's lengths add up to less than 4 GiB.
 //!
-//! One rule is stricter than virtio-queue's: a chain yields at most `queue size` descriptors
-//! in all, direct and indirect together (the spec forbids drivers longer chains, and QEMU maps
-//! at most 1024 buffers per chain). virtio-queue lets an indirect table add up to 65535 more,
-//! so that a guest naming one looping 1 MiB table from every avail entry made one drain of a
-//! 1024 queue walk 67 million descriptors (about half a second of its iothread); now at most
-//! 1024 * 1024.
+//! One rule is stricter than virtio-queue's: a chain yields at most
+//! [`MAX_CHAIN_DESCRIPTORS`] (1024, QEMU's VIRTQUEUE_MAX_SIZE: QEMU maps at most that many
+//! buffers per chain) or the queue size if larger, direct and indirect together.
+//! virtio-queue lets an indirect table yield up to 65535, so that a guest naming one looping
+//! 1 MiB table from every avail entry made one drain of a 1024 queue walk 67 million
+//! descriptors (about half a second of its iothread); now at most 1024 * 1024. The bound is
+//! not the queue size itself: Linux builds indirect chains longer than the queue (its
+//! requests have up to seg_max + 2 descriptors, and the parser accepts seg_max + 2 data
+//! segments besides header and status).
 
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 use crate::guest_regions::{read_volatile_le128, GuestRegions};
+
+/// Most descriptors a chain may yield, direct and indirect together, when the queue is smaller
+/// (see the module doc).
+pub const MAX_CHAIN_DESCRIPTORS: u16 = 1024;
 
 /// Size of one descriptor in a table.
 pub const DESCRIPTOR_SIZE: u64 = 16;
@@ -107,8 +114,8 @@ pub enum ChainError {
     NestedIndirect,
     #[error("descriptor lengths add up to 4 GiB or more")]
     TooManyBytes,
-    #[error("chain of more than {size} descriptors (the queue size)")]
-    LongerThanQueue { size: u16 },
+    #[error("chain of more than {max} descriptors")]
+    TooManyDescriptors { max: u16 },
 }
 
 /// Where a split virtqueue's descriptor table and avail ring live, and its size.
@@ -204,8 +211,8 @@ impl SplitRing {
             table_len: self.size,
             next_index: head,
             ttl: self.size,
-            budget: self.size,
-            queue_size: self.size,
+            budget: self.size.max(MAX_CHAIN_DESCRIPTORS),
+            ring_size: self.size,
             in_indirect: false,
             finished: false,
             total_len: 0,
@@ -284,9 +291,9 @@ pub struct DescriptorWalk<'r> {
     next_index: u16,
     /// Descriptors this table may still yield: the bound that ends loops.
     ttl: u16,
-    /// Descriptors the whole chain may still yield (direct and indirect): the queue size.
+    /// Descriptors the whole chain may still yield (direct and indirect).
     budget: u16,
-    queue_size: u16,
+    ring_size: u16,
     in_indirect: bool,
     finished: bool,
     total_len: u32,
@@ -349,8 +356,8 @@ impl<'r> DescriptorWalk<'r> {
                 continue;
             }
             if self.budget == 0 {
-                return Err(ChainError::LongerThanQueue {
-                    size: self.queue_size,
+                return Err(ChainError::TooManyDescriptors {
+                    max: self.ring_size.max(MAX_CHAIN_DESCRIPTORS),
                 });
             }
             self.budget -= 1;

@@ -139,7 +139,7 @@ pub fn parse_both_ways(
     let mut twin = Request::with_capacity(out.iovecs.capacity(), out.ranges.capacity());
     let (walked, why) = parse_walked_why(mem, queue, queue_size, cfg, &mut twin);
     let result = parse(chain, cfg, out);
-    if why == Some(ChainError::LongerThanQueue { size: queue_size }) {
+    if matches!(why, Some(ChainError::TooManyDescriptors { .. })) {
         assert_eq!(walked, Err(ParseError::DescriptorChain));
         return result;
     }
