@@ -31,8 +31,10 @@
 //!   read-only device -> `ReadOnly`; data in the wrong direction (readable bytes after a read's
 //!   header, writable bytes before a write's status) -> `WrongDirection`; all IOERR. A read or
 //!   write of no data at all is valid (as in QEMU) and does nothing;
-//! - at most min(seg_max + 2, [`request::IOV_MAX`], the request's iovec capacity) iovecs after
-//!   splitting buffers at memory-region boundaries -> else `TooManySegments` (IOERR);
+//! - at most seg_max + 2 data segments (non-empty data descriptors), and at most
+//!   min([`request::IOV_MAX`], the request's iovec capacity) iovecs after splitting them at
+//!   memory-region boundaries -> else `TooManySegments` (IOERR). Splits do not count against
+//!   seg_max: where the guest's buffers sit is not the guest's limit;
 //! - GET_ID: any writable length; only the first 20 bytes become iovecs;
 //! - FLUSH: the sector and any data are ignored;
 //! - DISCARD / WRITE_ZEROES: payload = readable bytes after the header, a non-zero multiple

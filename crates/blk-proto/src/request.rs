@@ -77,10 +77,14 @@ impl Request {
         }
     }
 
-    /// A request sized for `cfg`: seg_max + 2 iovecs (a buffer crossing a memory-region
-    /// boundary takes two) capped at IOV_MAX, and the larger of the two segment limits.
+    /// A request sized for `cfg`: two iovecs for each of seg_max + 2 data segments (a buffer
+    /// crossing a memory-region boundary takes two) capped at IOV_MAX, and the larger of the
+    /// two range limits.
     pub fn for_config(cfg: &DeviceConfig) -> Self {
-        let max_iovecs = (cfg.seg_max as usize).saturating_add(2).min(IOV_MAX);
+        let max_iovecs = (cfg.seg_max as usize)
+            .saturating_add(2)
+            .saturating_mul(2)
+            .min(IOV_MAX);
         let max_ranges = cfg.max_discard_seg.max(cfg.max_write_zeroes_seg) as usize;
         Self::with_capacity(max_iovecs, max_ranges)
     }
@@ -142,7 +146,7 @@ pub enum ParseError {
     },
     #[error("transfer of {len} bytes exceeds the maximum {max}")]
     TooLarge { len: u32, max: u32 },
-    #[error("more than {max} data segments")]
+    #[error("more than {max} data segments (or iovecs, after splitting at memory regions)")]
     TooManySegments { max: usize },
     /// A read whose data the device could only read, or a write whose data it could only
     /// write: the data is on the wrong side of the chain.
@@ -272,8 +276,15 @@ struct ParseState<'c> {
     /// if it spans regions): its last byte is the status, unless a later writable descriptor
     /// arrives, which makes it all data.
     pending_writable: Option<(u64, u32, *mut u8)>,
+    /// Data segments (descriptors carrying data) allowed: seg_max + 2.
+    max_segments: usize,
+    segments: usize,
+    /// iovecs allowed once segments are split at region boundaries: what `out` holds, at
+    /// most IOV_MAX.
     max_iovecs: usize,
     segments_overflow: bool,
+    /// The limit that overflowed (for the error).
+    overflowed_limit: usize,
     /// Data bytes a read carried device-readable, or a write device-writable.
     wrong_direction_bytes: u64,
     /// GET_ID bytes still wanted: only the first 20 writable bytes are kept as iovecs.
@@ -289,10 +300,8 @@ struct ParseState<'c> {
 
 impl<'c> ParseState<'c> {
     fn new(cfg: &'c DeviceConfig, out: &Request) -> Self {
-        let max_iovecs = (cfg.seg_max as usize)
-            .saturating_add(2)
-            .min(IOV_MAX)
-            .min(out.iovecs.capacity());
+        let max_segments = (cfg.seg_max as usize).saturating_add(2);
+        let max_iovecs = IOV_MAX.min(out.iovecs.capacity());
         ParseState {
             cfg,
             header: [0; REQUEST_HEADER_SIZE],
@@ -300,8 +309,11 @@ impl<'c> ParseState<'c> {
             decoded: None,
             seen_writable: false,
             pending_writable: None,
+            max_segments,
+            segments: 0,
             max_iovecs,
             segments_overflow: false,
+            overflowed_limit: 0,
             wrong_direction_bytes: 0,
             id_bytes_left: VIRTIO_BLK_ID_BYTES as u32,
             payload_len: 0,
@@ -505,9 +517,19 @@ impl<'c> ParseState<'c> {
         if len == 0 {
             return Ok(());
         }
+        // seg_max counts the guest's segments; how memory regions split them is the host's
+        // business (up to what one preadv takes), so a request the config allows is not
+        // refused for where its buffers happen to sit.
+        self.segments += 1;
+        if self.segments > self.max_segments {
+            self.segments_overflow = true;
+            self.overflowed_limit = self.max_segments;
+            return Ok(());
+        }
         if !host.is_null() {
             if out.iovecs.len() >= self.max_iovecs {
                 self.segments_overflow = true;
+                self.overflowed_limit = self.max_iovecs;
                 return Ok(());
             }
             out.iovecs.push(libc::iovec {
@@ -520,6 +542,7 @@ impl<'c> ParseState<'c> {
             let (base, piece_len) = piece.ok_or_else(|| not_in_memory(addr, len))?;
             if out.iovecs.len() >= self.max_iovecs {
                 self.segments_overflow = true;
+                self.overflowed_limit = self.max_iovecs;
                 return Ok(());
             }
             out.iovecs.push(libc::iovec {
@@ -620,7 +643,7 @@ impl<'c> ParseState<'c> {
                 }
                 if self.segments_overflow {
                     return Err(ParseError::TooManySegments {
-                        max: self.max_iovecs,
+                        max: self.overflowed_limit,
                     });
                 }
                 let block_size = cfg.logical_block_size.max(SECTOR_SIZE);
@@ -647,7 +670,7 @@ impl<'c> ParseState<'c> {
             RequestKind::GetId => {
                 if self.segments_overflow {
                     return Err(ParseError::TooManySegments {
-                        max: self.max_iovecs,
+                        max: self.overflowed_limit,
                     });
                 }
                 Ok(())
