@@ -49,6 +49,7 @@
 //! - `parse` never grows the request's Vecs: what does not fit is an error, not an allocation.
 
 pub mod config;
+pub mod drain;
 pub mod guest_regions;
 pub mod request;
 pub mod split_ring;
@@ -56,6 +57,7 @@ pub mod used_ring;
 pub mod wire;
 
 pub use config::{parse_config_write, ConfigError, DeviceConfig};
+pub use drain::{drain, Broken, DrainEnd, DrainSink};
 pub use guest_regions::GuestRegions;
 pub use request::{parse, parse_walk, ParseError, Range, Request, RequestKind};
 pub use split_ring::{ChainError, DescriptorWalk, MappedRing, RingError, SplitRing};

@@ -5,9 +5,65 @@
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 
+use blk_proto::{ChainError, DrainEnd, DrainSink, ParseError, Request};
+use engine::Engine;
+
 use crate::device::Inner;
 use crate::iothread::IoThread;
 use crate::{GuestMem, Vring};
+
+/// Popped chains into the engine: valid ones enqueued, rejected ones answered with their
+/// status, malformed ones (no status byte) returned with used length 0 and a log line.
+struct EngineSink<'a> {
+    engine: &'a mut Engine,
+    vring: &'a mut vhost_user_backend::VringState<GuestMem>,
+    queue: u16,
+    malformed_logged: &'a mut u64,
+}
+
+impl DrainSink for EngineSink<'_> {
+    fn has_room(&mut self) -> bool {
+        self.engine.can_accept()
+    }
+
+    fn take(&mut self) -> Request {
+        match self.engine.take_request() {
+            Some(req) => req,
+            None => unreachable!("has_room checked the pool"),
+        }
+    }
+
+    fn popped(
+        &mut self,
+        head: u16,
+        req: Request,
+        result: Result<(), ParseError>,
+        walk_error: Option<ChainError>,
+    ) {
+        let queue = self.queue;
+        let e = match result {
+            Ok(()) => return self.engine.enqueue(req, queue, head),
+            Err(e) => e,
+        };
+        if let Some(status) = e.status() {
+            log::debug!("queue {queue} head {head}: {e}");
+            return self.engine.reject(req, queue, head, status);
+        }
+        *self.malformed_logged += 1;
+        if *self.malformed_logged <= 10 {
+            match walk_error {
+                Some(why) => {
+                    log::warn!("queue {queue} head {head}: malformed chain dropped: {e}: {why}")
+                }
+                None => log::warn!("queue {queue} head {head}: malformed chain dropped: {e}"),
+            }
+        }
+        self.engine.discard_malformed(req, queue);
+        if let Err(e) = self.vring.add_used(head, 0) {
+            log::warn!("queue {queue}: add_used failed: {e}");
+        }
+    }
+}
 
 impl IoThread {
     /// Pops every available chain of one queue, with notifications off while draining and a
@@ -17,9 +73,9 @@ impl IoThread {
     }
 
     /// Drains a queue; with `rearm` false notifications stay off (the thread is polling).
-    /// Chains are read straight from the split ring through the region snapshot; the queue's
-    /// next_avail is kept current after every pop, so notification suppression (EVENT_IDX
-    /// included) works as if virtio-queue had popped them.
+    /// Chains are read straight from the split ring through the region snapshot by
+    /// blk-proto's drain (the rules live there, shared with the fuzz targets); this side
+    /// only says where popped chains go.
     pub(crate) fn drain(
         &mut self,
         inner: &Inner,
@@ -53,74 +109,29 @@ impl IoThread {
             if let Err(e) = v.disable_notification() {
                 log::warn!("queue {queue}: cannot disable notifications: {e}");
             }
-            loop {
-                let mut next_avail = v.get_queue().next_avail();
-                let avail_idx = match ring.avail_idx() {
-                    Ok(idx) if idx == next_avail => break,
-                    // More than a queue ahead: the guest claims chains that cannot exist, and
-                    // the queue would look "available" forever.
-                    Ok(idx) if idx.wrapping_sub(next_avail) > ring.size() => {
-                        self.broken |= 1 << local;
-                        log::error!(
-                            "queue {queue}: the guest's avail index {idx} is more than a queue \
-                             ahead of {next_avail}; queue stopped until it is reset"
-                        );
-                        return;
-                    }
-                    Ok(idx) => idx,
-                    Err(e) => {
-                        self.broken |= 1 << local;
-                        log::error!("queue {queue}: {e}; queue stopped until it is reset");
-                        return;
-                    }
+            let mut next_avail = v.get_queue().next_avail();
+            let end = {
+                let mut sink = EngineSink {
+                    engine: &mut self.engine,
+                    vring: &mut v,
+                    queue,
+                    malformed_logged: &mut self.malformed_logged,
                 };
-                while next_avail != avail_idx {
-                    if !self.engine.can_accept() {
-                        self.throttled |= 1 << local;
-                        return;
-                    }
-                    let head = match ring.head(next_avail) {
-                        Ok(head) => head,
-                        Err(e) => {
-                            self.broken |= 1 << local;
-                            log::error!("queue {queue}: {e}; queue stopped until it is reset");
-                            return;
-                        }
-                    };
-                    next_avail = next_avail.wrapping_add(1);
-                    v.get_queue_mut().set_next_avail(next_avail);
-                    let Some(mut req) = self.engine.take_request() else {
-                        unreachable!("can_accept checked above");
-                    };
-                    let mut walk = ring.chain(head);
-                    match blk_proto::parse_walk(&mut walk, &inner.device, &mut req) {
-                        Ok(()) => self.engine.enqueue(req, queue, head),
-                        Err(e) => match e.status() {
-                            Some(status) => {
-                                log::debug!("queue {queue} head {head}: {e}");
-                                self.engine.reject(req, queue, head, status);
-                            }
-                            None => {
-                                self.malformed_logged += 1;
-                                if self.malformed_logged <= 10 {
-                                    match walk.error() {
-                                        Some(why) => log::warn!(
-                                            "queue {queue} head {head}: malformed chain \
-                                             dropped: {e}: {why}"
-                                        ),
-                                        None => log::warn!(
-                                            "queue {queue} head {head}: malformed chain \
-                                             dropped: {e}"
-                                        ),
-                                    }
-                                }
-                                self.engine.discard_malformed(req, queue);
-                                if let Err(e) = v.add_used(head, 0) {
-                                    log::warn!("queue {queue}: add_used failed: {e}");
-                                }
-                            }
-                        },
-                    }
+                blk_proto::drain(&ring, &inner.device, &mut next_avail, &mut sink)
+            };
+            // The queue's next_avail drives notification suppression (EVENT_IDX included)
+            // as if virtio-queue had popped the chains.
+            v.get_queue_mut().set_next_avail(next_avail);
+            match end {
+                DrainEnd::CaughtUp => {}
+                DrainEnd::Throttled => {
+                    self.throttled |= 1 << local;
+                    return;
+                }
+                DrainEnd::Broken(why) => {
+                    self.broken |= 1 << local;
+                    log::error!("queue {queue}: {why}; queue stopped until it is reset");
+                    return;
                 }
             }
             if !rearm {
