@@ -26,6 +26,34 @@ pub fn tool_or_skip(test_name: &str, tool: &str, install_hint: &str) -> bool {
     false
 }
 
+/// Runs `promtool check metrics` on a Prometheus exposition: Err with promtool's complaints
+/// (and the exposition) when it refuses it.
+pub fn promtool_check(exposition: &str) -> Result<(), String> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run promtool: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(exposition.as_bytes())
+            .map_err(|e| format!("cannot feed promtool: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("promtool: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "promtool refused the metrics:\n{}{}\n--- metrics:\n{exposition}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
 /// Checks that VMs can run here (and that `extra_tools` are installed) and builds the guest
 /// (once per process). Returns the guest folder, or `None` after printing "SKIPPED: <reason>"
 /// when a prerequisite is missing outside CI. In CI a missing prerequisite panics, and a failed

@@ -8,7 +8,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use blkio_support::{read_vec, write_slice, Client, ClientOptions};
 use common::ServerProcess;
@@ -143,26 +143,9 @@ fn ctl_and_metrics_see_the_live_server() {
         "promtool",
         "apt-get install prometheus",
     ) {
-        let mut child = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool runs");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(body.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = guestvm::testing::promtool_check(&body) {
+            panic!("{e}");
+        }
     }
     drop(client);
     let status = server.stop();
