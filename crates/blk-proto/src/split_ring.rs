@@ -15,12 +15,14 @@
 //!   holds no INDIRECT descriptor;
 //! - the chain's lengths add up to less than 4 GiB.
 //!
-//! One rule is stricter than virtio-queue's: a chain yields at most `queue size` descriptors
-//! in all, direct and indirect together (the spec forbids drivers longer chains, and QEMU maps
-//! at most 1024 buffers per chain). virtio-queue lets an indirect table add up to 65535 more,
-//! so that a guest naming one looping 1 MiB table from every avail entry made one drain of a
-//! 1024 queue walk 67 million descriptors (about half a second of its iothread); now at most
-//! 1024 * 1024.
+//! One rule is stricter than virtio-queue's: a chain yields at most
+//! [`MAX_CHAIN_DESCRIPTORS`] (1024, QEMU's VIRTQUEUE_MAX_SIZE: it maps no more buffers per
+//! chain) or the queue size if larger, direct and indirect together. Not the queue size
+//! alone: Linux fills an indirect table up to the seg_max the device offers, which may exceed
+//! the ring the VMM set up (QEMU's vhost-user-blk rings default to 128). virtio-queue lets an
+//! indirect table add up to 65535, so that a guest naming one looping 1 MiB table from every
+//! avail entry made one drain of a 1024 queue walk 67 million descriptors (about half a second
+//! of its iothread); now at most 1024 * 1024.
 
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -30,6 +32,10 @@ use crate::guest_regions::{read_volatile_le128, GuestRegions};
 
 /// Size of one descriptor in a table.
 pub const DESCRIPTOR_SIZE: u64 = 16;
+
+/// Most descriptors one chain may yield, direct and indirect together (unless the queue is
+/// larger): QEMU's VIRTQUEUE_MAX_SIZE, and seg_max + 2 for the largest queue we offer.
+pub const MAX_CHAIN_DESCRIPTORS: u16 = 1024;
 
 /// One descriptor as the guest wrote it (little-endian fields decoded).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,8 +113,8 @@ pub enum ChainError {
     NestedIndirect,
     #[error("descriptor lengths add up to 4 GiB or more")]
     TooManyBytes,
-    #[error("chain of more than {size} descriptors (the queue size)")]
-    LongerThanQueue { size: u16 },
+    #[error("chain of more than {max} descriptors")]
+    TooManyDescriptors { max: u16 },
 }
 
 /// Where a split virtqueue's descriptor table and avail ring live, and its size.
@@ -204,8 +210,7 @@ impl SplitRing {
             table_len: self.size,
             next_index: head,
             ttl: self.size,
-            budget: self.size,
-            queue_size: self.size,
+            budget: self.size.max(MAX_CHAIN_DESCRIPTORS),
             in_indirect: false,
             finished: false,
             total_len: 0,
@@ -284,9 +289,8 @@ pub struct DescriptorWalk<'r> {
     next_index: u16,
     /// Descriptors this table may still yield: the bound that ends loops.
     ttl: u16,
-    /// Descriptors the whole chain may still yield (direct and indirect): the queue size.
+    /// Descriptors the whole chain may still yield (direct and indirect).
     budget: u16,
-    queue_size: u16,
     in_indirect: bool,
     finished: bool,
     total_len: u32,
@@ -349,8 +353,8 @@ impl<'r> DescriptorWalk<'r> {
                 continue;
             }
             if self.budget == 0 {
-                return Err(ChainError::LongerThanQueue {
-                    size: self.queue_size,
+                return Err(ChainError::TooManyDescriptors {
+                    max: MAX_CHAIN_DESCRIPTORS,
                 });
             }
             self.budget -= 1;

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use blk_proto::split_ring::Descriptor;
+use blk_proto::split_ring::{Descriptor, MAX_CHAIN_DESCRIPTORS};
 use blk_proto::{ChainError, DescriptorWalk, GuestRegions, RingError, SplitRing};
 use common::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -452,32 +452,58 @@ fn a_queue_table_only_partly_in_memory_fails_only_past_the_end() {
 
 /// Found by the drain_ring fuzzer (inputs that took 14 to 69 s): every avail entry naming
 /// the same looping, full-size indirect table made each chain walk 65535 descriptors. A chain
-/// now ends at the queue size, direct and indirect descriptors together.
+/// now ends at 1024 descriptors (QEMU's limit), direct and indirect together.
 #[test]
-fn a_chain_ends_at_the_queue_size_even_through_a_large_indirect_table() {
+fn a_chain_ends_at_1024_descriptors_even_through_a_larger_indirect_table() {
     let mem = guest();
-    // A looping indirect table of 64 entries: longer than the queue (8), shorter than its
-    // own bound.
-    desc(&mem, TABLE, 0, INDIRECT, 64 * 16, VRING_DESC_F_INDIRECT, 0);
-    for i in 0..64u16 {
-        desc(&mem, INDIRECT, i, HDR, 16, NEXT, (i + 1) % 64);
+    // A looping indirect table of 2000 entries: past the limit, within its own bound.
+    desc(
+        &mem,
+        TABLE,
+        0,
+        INDIRECT,
+        2000 * 16,
+        VRING_DESC_F_INDIRECT,
+        0,
+    );
+    for i in 0..2000u16 {
+        desc(&mem, INDIRECT, i, HDR, 16, NEXT, (i + 1) % 2000);
     }
+    let max = MAX_CHAIN_DESCRIPTORS;
     let (seen, end) = walk(&mem, 0);
-    assert_eq!(seen.len(), usize::from(SIZE));
-    assert_eq!(end, Err(ChainError::LongerThanQueue { size: SIZE }));
+    assert_eq!(seen.len(), usize::from(max));
+    assert_eq!(end, Err(ChainError::TooManyDescriptors { max }));
 
-    // Direct descriptors count too: 3 direct, then the table holds 5 more at most.
+    // Direct descriptors count too: 3 direct, then the table yields 1021 at most.
     desc(&mem, TABLE, 0, HDR, 16, NEXT, 1);
     desc(&mem, TABLE, 1, DATA, 16, NEXT, 2);
     desc(&mem, TABLE, 2, DATA, 16, NEXT, 3);
-    desc(&mem, TABLE, 3, INDIRECT, 64 * 16, VRING_DESC_F_INDIRECT, 0);
+    desc(
+        &mem,
+        TABLE,
+        3,
+        INDIRECT,
+        2000 * 16,
+        VRING_DESC_F_INDIRECT,
+        0,
+    );
     let (seen, end) = walk(&mem, 0);
-    assert_eq!(seen.len(), usize::from(SIZE));
-    assert_eq!(end, Err(ChainError::LongerThanQueue { size: SIZE }));
+    assert_eq!(seen.len(), usize::from(max));
+    assert_eq!(end, Err(ChainError::TooManyDescriptors { max }));
 
-    // A chain of exactly the queue size is fine: 3 direct + 5 indirect.
-    desc(&mem, TABLE, 3, INDIRECT, 5 * 16, VRING_DESC_F_INDIRECT, 0);
-    desc(&mem, INDIRECT, 4, STATUS, 1, VRING_DESC_F_WRITE, 0);
+    // Exactly 1024 is fine (3 direct + 1021 indirect), however small the queue (8 here):
+    // Linux fills an indirect table up to the seg_max offered, past the ring's size.
+    let last = max - 3 - 1;
+    desc(
+        &mem,
+        TABLE,
+        3,
+        INDIRECT,
+        u32::from(last + 1) * 16,
+        VRING_DESC_F_INDIRECT,
+        0,
+    );
+    desc(&mem, INDIRECT, last, STATUS, 1, VRING_DESC_F_WRITE, 0);
     let (seen, end) = walk(&mem, 0);
-    assert_eq!((seen.len(), end), (usize::from(SIZE), Ok(())));
+    assert_eq!((seen.len(), end), (usize::from(max), Ok(())));
 }
