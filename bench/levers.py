@@ -72,10 +72,13 @@ def diskstats(disk):
     for line in open("/proc/diskstats"):
         f = line.split()
         if f[2] == disk:
-            # reads completed (3), ms reading (6), writes (7), ms writing (10), ms busy (12),
-            # weighted ms in queue (13)
+            # reads completed (3), reads merged (4), sectors read (5), ms reading (6),
+            # writes (7), writes merged (8), sectors written (9), ms writing (10),
+            # ms busy (12), weighted ms in queue (13)
             return {
                 "ios": int(f[3]) + int(f[7]),
+                "merged": int(f[4]) + int(f[8]),
+                "sectors": int(f[5]) + int(f[9]),
                 "io_ms": int(f[6]) + int(f[10]),
                 "busy_ms": int(f[12]),
                 "weighted_ms": int(f[13]),
@@ -223,6 +226,10 @@ def one_run(variant, args, job, opts, disk):
         "disk_us_per_io": 1000 * (d1["io_ms"] - d0["io_ms"]) / max(ios, 1),
         # Share of the wall time with no I/O at the disk at all.
         "disk_idle_pct": 100 * (1 - (d1["busy_ms"] - d0["busy_ms"]) / (wall * 1000)),
+        # Size of what reached the device, and how many submitted bios the block layer
+        # merged into each (the elevator merges what waits in its queue).
+        "disk_kib_per_io": (d1["sectors"] - d0["sectors"]) / 2 / max(ios, 1),
+        "disk_merges_per_io": (d1["merged"] - d0["merged"]) / max(ios, 1),
     })
     if server:
         sampler.stop.set()
@@ -253,8 +260,8 @@ def fmt(v, spec):
 def table(rows, variants, jobs):
     lines = [
         "| job | variant | IOPS | vs qsd | p50 µs | server CPU-s | IOPS/CPU-s | SQEs/enter "
-        "| wake-ups/req | io-wq workers | disk QD | disk µs/IO | disk idle % |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| wake-ups/req | io-wq workers | disk QD | disk µs/IO | disk idle % | disk KiB/IO | merges/IO |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for job in jobs:
         qsd = median([r for r in rows if r["job"] == job and r["variant"] == "qsd"], "iops")
@@ -278,7 +285,9 @@ def table(rows, variants, jobs):
                 f"{fmt(median(rs, 'iowq_workers'), '.0f')} | "
                 f"{fmt(median(rs, 'disk_queue_depth'), '.1f')} | "
                 f"{fmt(median(rs, 'disk_us_per_io'), '.0f')} | "
-                f"{fmt(median(rs, 'disk_idle_pct'), '.1f')} |")
+                f"{fmt(median(rs, 'disk_idle_pct'), '.1f')} | "
+                f"{fmt(median(rs, 'disk_kib_per_io'), '.0f')} | "
+                f"{fmt(median(rs, 'disk_merges_per_io'), '.2f')} |")
     return "\n".join(lines)
 
 

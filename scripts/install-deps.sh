@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages uringblk's tests and benchmarks need (Debian/Ubuntu, as root or
 # with sudo): QEMU for the guest tests, fio and busybox for the guest image, qemu-storage-daemon
-# as the comparison peer. Already-present tools are not reinstalled. Fails loudly otherwise.
+# as the comparison peer, qemu-io/qemu-img and losetup for the image-lock tests, promtool
+# (prometheus) for the metrics test. Already-present
+# tools are not reinstalled. Fails loudly otherwise.
 set -euo pipefail
 
 log() { echo "install-deps: $*" >&2; }
@@ -17,11 +19,13 @@ as_root() {
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null || missing+=(qemu-system-common)
-command -v qemu-img >/dev/null || missing+=(qemu-utils)
+command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || missing+=(qemu-utils)
 command -v fio >/dev/null || missing+=(fio)
 [[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
 command -v blkdiscard >/dev/null || missing+=(util-linux)
+command -v losetup >/dev/null || missing+=(mount)
 command -v valgrind >/dev/null || missing+=(valgrind)
+command -v promtool >/dev/null || missing+=(prometheus)
 # The benchmark charts need a TrueType font.
 [[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || missing+=(fonts-dejavu-core)
 
@@ -33,7 +37,7 @@ if ((${#missing[@]})); then
         "${missing[@]}" >&2 || die "apt-get install ${missing[*]} failed"
 fi
 
-for tool in qemu-system-x86_64 qemu-storage-daemon fio blkdiscard; do
+for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img qemu-io fio blkdiscard losetup promtool; do
     command -v "$tool" >/dev/null || die "$tool is still missing after the install"
 done
 command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"

@@ -27,7 +27,7 @@ use crate::drain::{drain, Broken, Disposition, DrainEnd, Popped};
 use crate::guest::GuardedGuest;
 use crate::scenario::{Focus, Scenario};
 
-/// Most descriptors a chain may yield, direct and indirect together.
+/// Most descriptors a chain may yield, direct and indirect together (blk-proto split_ring).
 pub fn walk_bound(queue_size: u16) -> usize {
     usize::from(queue_size.max(blk_proto::split_ring::MAX_CHAIN_DESCRIPTORS))
 }
@@ -457,7 +457,7 @@ fn compare_with_virtio_queue(
     }
     for (p, (head, result, req)) in ours.iter().zip(&theirs) {
         assert_eq!(p.head, *head, "different heads popped");
-        // The walker ends a chain at 1024 descriptors; virtio-queue follows an indirect
+        // The walker ends a chain at MAX_CHAIN_DESCRIPTORS; virtio-queue follows an indirect
         // table further (blk_proto::split_ring's module doc).
         if let Some(ChainError::TooManyDescriptors { .. }) = p.chain_error {
             assert_eq!(p.result, Err(ParseError::DescriptorChain));

@@ -11,6 +11,8 @@ use crate::wire::{CONFIG_SPACE_SIZE, SECTOR_SHIFT, SECTOR_SIZE, VIRTIO_BLK_ID_BY
 pub const DEFAULT_MAX_TRANSFER_BYTES: u32 = 32 << 20;
 /// Default max_discard_sectors / max_write_zeroes_sectors: 32 MiB in 512-byte sectors.
 pub const DEFAULT_MAX_DISCARD_SECTORS: u32 = DEFAULT_MAX_TRANSFER_BYTES >> SECTOR_SHIFT;
+/// The smallest size_max a config may give: a page (see [`DeviceConfig::validate`]).
+pub const SIZE_MAX_MIN: u32 = 4096;
 /// Default serial reported by GET_ID.
 pub const DEFAULT_SERIAL: &[u8] = b"uringblk";
 
@@ -72,6 +74,15 @@ pub enum ConfigError {
     ZeroSegMax,
     #[error("max_transfer_bytes {value} must be a non-zero multiple of the logical block size {logical}")]
     MaxTransfer { value: u32, logical: u32 },
+    #[error(
+        "seg_max {seg_max} segments of at least {min} bytes exceed max_transfer_bytes {max_transfer}: size_max would be {size_max}"
+    )]
+    SizeMaxTooSmall {
+        size_max: u32,
+        seg_max: u32,
+        max_transfer: u32,
+        min: u32,
+    },
     #[error("num_queues must be at least 1")]
     ZeroQueues,
     #[error("{field} = {value} must be a non-zero multiple of the logical block size in sectors ({block_sectors})")]
@@ -119,6 +130,16 @@ impl DeviceConfig {
         }
     }
 
+    /// The largest data segment a driver may send (config `size_max`, offered with
+    /// VIRTIO_BLK_F_SIZE_MAX): the largest multiple of the logical block size of which seg_max
+    /// segments still fit max_transfer_bytes, so that no request the config allows is
+    /// `TooLarge` (Linux takes seg_max * size_max as its largest request).
+    pub fn size_max(&self) -> u32 {
+        let lbs = self.logical_block_size.max(SECTOR_SIZE);
+        let per_segment = self.max_transfer_bytes / self.seg_max.max(1);
+        per_segment - per_segment % lbs
+    }
+
     /// The logical block size in 512-byte sectors (1 or 8 for a valid config).
     pub fn block_sectors(&self) -> u32 {
         (self.logical_block_size >> SECTOR_SHIFT).max(1)
@@ -126,7 +147,8 @@ impl DeviceConfig {
 
     /// Rejects zero/invalid fields: every limit and alignment non-zero (Windows guests crash
     /// on zero config fields), sizes multiples of the logical block, lbs 512|4096, serial
-    /// <= 20 bytes, num_queues >= 1, seg_max >= 1.
+    /// <= 20 bytes, num_queues >= 1, seg_max >= 1, size_max (max_transfer_bytes / seg_max)
+    /// at least a page.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let lbs = self.logical_block_size;
         if lbs != 512 && lbs != 4096 {
@@ -169,6 +191,17 @@ impl DeviceConfig {
                 logical: lbs,
             });
         }
+        // A guest's segments are at least a page: Linux refuses (or raises) a smaller
+        // max_segment_size, and would then send requests over max_transfer_bytes.
+        let min = SIZE_MAX_MIN.max(lbs);
+        if self.size_max() < min {
+            return Err(ConfigError::SizeMaxTooSmall {
+                size_max: self.size_max(),
+                seg_max: self.seg_max,
+                max_transfer: self.max_transfer_bytes,
+                min,
+            });
+        }
         if self.num_queues == 0 {
             return Err(ConfigError::ZeroQueues);
         }
@@ -197,13 +230,14 @@ impl DeviceConfig {
         Ok(())
     }
 
-    /// virtio feature bits offered: SEG_MAX, BLK_SIZE, TOPOLOGY, FLUSH, CONFIG_WCE, MQ,
-    /// DISCARD (if discard), WRITE_ZEROES (if write_zeroes), RO (if read_only), VERSION_1,
-    /// RING_EVENT_IDX, RING_INDIRECT_DESC. Not SIZE_MAX nor GEOMETRY; the vhost-user
-    /// PROTOCOL_FEATURES bit is added by vhost-server.
+    /// virtio feature bits offered: SIZE_MAX, SEG_MAX, BLK_SIZE, TOPOLOGY, FLUSH, CONFIG_WCE,
+    /// MQ, DISCARD (if discard), WRITE_ZEROES (if write_zeroes), RO (if read_only), VERSION_1,
+    /// RING_EVENT_IDX, RING_INDIRECT_DESC. Not GEOMETRY; the vhost-user PROTOCOL_FEATURES bit
+    /// is added by vhost-server.
     pub fn virtio_features(&self) -> u64 {
         let bit = |b: u32| 1u64 << b;
-        let mut features = bit(vb::VIRTIO_BLK_F_SEG_MAX)
+        let mut features = bit(vb::VIRTIO_BLK_F_SIZE_MAX)
+            | bit(vb::VIRTIO_BLK_F_SEG_MAX)
             | bit(vb::VIRTIO_BLK_F_BLK_SIZE)
             | bit(vb::VIRTIO_BLK_F_TOPOLOGY)
             | bit(vb::VIRTIO_BLK_F_FLUSH)
@@ -233,7 +267,7 @@ impl DeviceConfig {
         };
         let lbs = self.logical_block_size.max(1);
         put(0, &self.capacity_sectors.to_le_bytes());
-        // 8: size_max stays 0 (VIRTIO_BLK_F_SIZE_MAX not offered).
+        put(8, &self.size_max().to_le_bytes());
         put(12, &self.seg_max.to_le_bytes());
         // 16: geometry stays 0 (VIRTIO_BLK_F_GEOMETRY not offered).
         put(20, &lbs.to_le_bytes());

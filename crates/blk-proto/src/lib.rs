@@ -28,9 +28,13 @@
 //!   header (write), any buffer addresses and lengths; the total a multiple of the logical
 //!   block size and the sector aligned to it (`Misaligned`), inside the capacity with checked
 //!   arithmetic (`SectorOutOfRange`), at most `max_transfer_bytes` (`TooLarge`); writes to a
-//!   read-only device -> `ReadOnly`; all IOERR;
-//! - at most min(seg_max + 2, [`request::IOV_MAX`], the request's iovec capacity) iovecs after
-//!   splitting buffers at memory-region boundaries -> else `TooManySegments` (IOERR);
+//!   read-only device -> `ReadOnly`; data in the wrong direction (readable bytes after a read's
+//!   header, writable bytes before a write's status) -> `WrongDirection`; all IOERR. A read or
+//!   write of no data at all is valid (as in QEMU) and does nothing;
+//! - at most seg_max + 2 data segments (non-empty data descriptors), and at most
+//!   min([`request::IOV_MAX`], the request's iovec capacity) iovecs after splitting them at
+//!   memory-region boundaries -> else `TooManySegments` (IOERR). Splits do not count against
+//!   seg_max: where the guest's buffers sit is not the guest's limit;
 //! - GET_ID: any writable length; only the first 20 bytes become iovecs;
 //! - FLUSH: the sector and any data are ignored;
 //! - DISCARD / WRITE_ZEROES: payload = readable bytes after the header, a non-zero multiple
@@ -48,10 +52,12 @@ pub mod config;
 pub mod guest_regions;
 pub mod request;
 pub mod split_ring;
+pub mod used_ring;
 pub mod wire;
 
 pub use config::{parse_config_write, ConfigError, DeviceConfig};
 pub use guest_regions::GuestRegions;
 pub use request::{parse, parse_walk, ParseError, Range, Request, RequestKind};
 pub use split_ring::{ChainError, DescriptorWalk, MappedRing, RingError, SplitRing};
+pub use used_ring::{MappedUsedRing, UsedRing};
 pub use wire::*;

@@ -77,10 +77,14 @@ impl Request {
         }
     }
 
-    /// A request sized for `cfg`: seg_max + 2 iovecs (a buffer crossing a memory-region
-    /// boundary takes two) capped at IOV_MAX, and the larger of the two segment limits.
+    /// A request sized for `cfg`: two iovecs for each of seg_max + 2 data segments (a buffer
+    /// crossing a memory-region boundary takes two) capped at IOV_MAX, and the larger of the
+    /// two range limits.
     pub fn for_config(cfg: &DeviceConfig) -> Self {
-        let max_iovecs = (cfg.seg_max as usize).saturating_add(2).min(IOV_MAX);
+        let max_iovecs = (cfg.seg_max as usize)
+            .saturating_add(2)
+            .saturating_mul(2)
+            .min(IOV_MAX);
         let max_ranges = cfg.max_discard_seg.max(cfg.max_write_zeroes_seg) as usize;
         Self::with_capacity(max_iovecs, max_ranges)
     }
@@ -142,8 +146,12 @@ pub enum ParseError {
     },
     #[error("transfer of {len} bytes exceeds the maximum {max}")]
     TooLarge { len: u32, max: u32 },
-    #[error("more than {max} data segments")]
+    #[error("more than {max} data segments (or iovecs, after splitting at memory regions)")]
     TooManySegments { max: usize },
+    /// A read whose data the device could only read, or a write whose data it could only
+    /// write: the data is on the wrong side of the chain.
+    #[error("{kind:?} request with {bytes} data bytes in the wrong direction")]
+    WrongDirection { kind: RequestKind, bytes: u64 },
     #[error("write to a read-only device")]
     ReadOnly,
     #[error("discard/write-zeroes payload of {0} bytes is not a non-zero multiple of 16")]
@@ -169,6 +177,7 @@ impl ParseError {
             | Misaligned { .. }
             | TooLarge { .. }
             | TooManySegments { .. }
+            | WrongDirection { .. }
             | ReadOnly
             | BadDiscardPayload(_)
             | TooManyRanges { .. }
@@ -267,8 +276,17 @@ struct ParseState<'c> {
     /// if it spans regions): its last byte is the status, unless a later writable descriptor
     /// arrives, which makes it all data.
     pending_writable: Option<(u64, u32, *mut u8)>,
+    /// Data segments (descriptors carrying data) allowed: seg_max + 2.
+    max_segments: usize,
+    segments: usize,
+    /// iovecs allowed once segments are split at region boundaries: what `out` holds, at
+    /// most IOV_MAX.
     max_iovecs: usize,
     segments_overflow: bool,
+    /// The limit that overflowed (for the error).
+    overflowed_limit: usize,
+    /// Data bytes a read carried device-readable, or a write device-writable.
+    wrong_direction_bytes: u64,
     /// GET_ID bytes still wanted: only the first 20 writable bytes are kept as iovecs.
     id_bytes_left: u32,
     /// Discard / write-zeroes payload.
@@ -282,10 +300,8 @@ struct ParseState<'c> {
 
 impl<'c> ParseState<'c> {
     fn new(cfg: &'c DeviceConfig, out: &Request) -> Self {
-        let max_iovecs = (cfg.seg_max as usize)
-            .saturating_add(2)
-            .min(IOV_MAX)
-            .min(out.iovecs.capacity());
+        let max_segments = (cfg.seg_max as usize).saturating_add(2);
+        let max_iovecs = IOV_MAX.min(out.iovecs.capacity());
         ParseState {
             cfg,
             header: [0; REQUEST_HEADER_SIZE],
@@ -293,8 +309,12 @@ impl<'c> ParseState<'c> {
             decoded: None,
             seen_writable: false,
             pending_writable: None,
+            max_segments,
+            segments: 0,
             max_iovecs,
             segments_overflow: false,
+            overflowed_limit: 0,
+            wrong_direction_bytes: 0,
             id_bytes_left: VIRTIO_BLK_ID_BYTES as u32,
             payload_len: 0,
             range_buf: [0; RAW_RANGE_SIZE],
@@ -389,6 +409,13 @@ impl<'c> ParseState<'c> {
             Some(Decoded::Kind(RequestKind::Discard | RequestKind::WriteZeroes)) => {
                 self.range_payload(regions, rest_addr, rest_len, out)
             }
+            // A read's data must be device-writable: these bytes would be "read" into memory
+            // the device may not write (QEMU ignores them and answers OK; the guest would
+            // believe data arrived that never did).
+            Some(Decoded::Kind(RequestKind::Read)) => {
+                self.wrong_direction_bytes += u64::from(rest_len);
+                Ok(())
+            }
             // Readable payload means nothing to the other types.
             _ => Ok(()),
         }
@@ -433,6 +460,12 @@ impl<'c> ParseState<'c> {
                     return Ok(());
                 }
                 self.push_data(regions, addr, take, host, out)
+            }
+            // A write's data must be device-readable: writable bytes before the status would
+            // be written from memory the guest gave the device to fill.
+            Some(Decoded::Kind(RequestKind::Write)) => {
+                self.wrong_direction_bytes += u64::from(len);
+                Ok(())
             }
             // Writable bytes before the status mean nothing to the other types.
             _ => Ok(()),
@@ -484,9 +517,19 @@ impl<'c> ParseState<'c> {
         if len == 0 {
             return Ok(());
         }
+        // seg_max counts the guest's segments; how memory regions split them is the host's
+        // business (up to what one preadv takes), so a request the config allows is not
+        // refused for where its buffers happen to sit.
+        self.segments += 1;
+        if self.segments > self.max_segments {
+            self.segments_overflow = true;
+            self.overflowed_limit = self.max_segments;
+            return Ok(());
+        }
         if !host.is_null() {
             if out.iovecs.len() >= self.max_iovecs {
                 self.segments_overflow = true;
+                self.overflowed_limit = self.max_iovecs;
                 return Ok(());
             }
             out.iovecs.push(libc::iovec {
@@ -499,6 +542,7 @@ impl<'c> ParseState<'c> {
             let (base, piece_len) = piece.ok_or_else(|| not_in_memory(addr, len))?;
             if out.iovecs.len() >= self.max_iovecs {
                 self.segments_overflow = true;
+                self.overflowed_limit = self.max_iovecs;
                 return Ok(());
             }
             out.iovecs.push(libc::iovec {
@@ -591,9 +635,15 @@ impl<'c> ParseState<'c> {
                 if kind == RequestKind::Write && cfg.read_only {
                     return Err(ParseError::ReadOnly);
                 }
+                if self.wrong_direction_bytes != 0 {
+                    return Err(ParseError::WrongDirection {
+                        kind,
+                        bytes: self.wrong_direction_bytes,
+                    });
+                }
                 if self.segments_overflow {
                     return Err(ParseError::TooManySegments {
-                        max: self.max_iovecs,
+                        max: self.overflowed_limit,
                     });
                 }
                 let block_size = cfg.logical_block_size.max(SECTOR_SIZE);
@@ -620,7 +670,7 @@ impl<'c> ParseState<'c> {
             RequestKind::GetId => {
                 if self.segments_overflow {
                     return Err(ParseError::TooManySegments {
-                        max: self.max_iovecs,
+                        max: self.overflowed_limit,
                     });
                 }
                 Ok(())

@@ -16,13 +16,14 @@
 //! - the chain's lengths add up to less than 4 GiB.
 //!
 //! One rule is stricter than virtio-queue's: a chain yields at most
-//! [`MAX_CHAIN_DESCRIPTORS`] (1024, QEMU's VIRTQUEUE_MAX_SIZE: it maps no more buffers per
-//! chain) or the queue size if larger, direct and indirect together. Not the queue size
-//! alone: Linux fills an indirect table up to the seg_max the device offers, which may exceed
-//! the ring the VMM set up (QEMU's vhost-user-blk rings default to 128). virtio-queue lets an
-//! indirect table add up to 65535, so that a guest naming one looping 1 MiB table from every
-//! avail entry made one drain of a 1024 queue walk 67 million descriptors (about half a second
-//! of its iothread); now at most 1024 * 1024.
+//! [`MAX_CHAIN_DESCRIPTORS`] (1024, QEMU's VIRTQUEUE_MAX_SIZE: QEMU maps at most that many
+//! buffers per chain) or the queue size if larger, direct and indirect together.
+//! virtio-queue lets an indirect table yield up to 65535, so that a guest naming one looping
+//! 1 MiB table from every avail entry made one drain of a 1024 queue walk 67 million
+//! descriptors (about half a second of its iothread); now at most 1024 * 1024. The bound is
+//! not the queue size itself: Linux builds indirect chains longer than the queue (its
+//! requests have up to seg_max + 2 descriptors, and the parser accepts seg_max + 2 data
+//! segments besides header and status).
 
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -30,12 +31,12 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 
 use crate::guest_regions::{read_volatile_le128, GuestRegions};
 
+/// Most descriptors a chain may yield, direct and indirect together, when the queue is smaller
+/// (see the module doc).
+pub const MAX_CHAIN_DESCRIPTORS: u16 = 1024;
+
 /// Size of one descriptor in a table.
 pub const DESCRIPTOR_SIZE: u64 = 16;
-
-/// Most descriptors one chain may yield, direct and indirect together (unless the queue is
-/// larger): QEMU's VIRTQUEUE_MAX_SIZE, and seg_max + 2 for the largest queue we offer.
-pub const MAX_CHAIN_DESCRIPTORS: u16 = 1024;
 
 /// One descriptor as the guest wrote it (little-endian fields decoded).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +212,7 @@ impl SplitRing {
             next_index: head,
             ttl: self.size,
             budget: self.size.max(MAX_CHAIN_DESCRIPTORS),
+            ring_size: self.size,
             in_indirect: false,
             finished: false,
             total_len: 0,
@@ -291,6 +293,7 @@ pub struct DescriptorWalk<'r> {
     ttl: u16,
     /// Descriptors the whole chain may still yield (direct and indirect).
     budget: u16,
+    ring_size: u16,
     in_indirect: bool,
     finished: bool,
     total_len: u32,
@@ -354,7 +357,7 @@ impl<'r> DescriptorWalk<'r> {
             }
             if self.budget == 0 {
                 return Err(ChainError::TooManyDescriptors {
-                    max: MAX_CHAIN_DESCRIPTORS,
+                    max: self.ring_size.max(MAX_CHAIN_DESCRIPTORS),
                 });
             }
             self.budget -= 1;

@@ -153,6 +153,15 @@ fn validate_rejects_each_bad_field() {
                 logical: 4096,
             },
         ),
+        (
+            |c| c.max_transfer_bytes = 16 * 4096,
+            ConfigError::SizeMaxTooSmall {
+                size_max: 0,
+                seg_max: 254,
+                max_transfer: 16 * 4096,
+                min: 4096,
+            },
+        ),
         (|c| c.num_queues = 0, ConfigError::ZeroQueues),
         (
             |c| c.max_discard_sectors = 0,
@@ -228,7 +237,8 @@ fn bit(b: u32) -> u64 {
 
 #[test]
 fn virtio_features_for_each_option_combination() {
-    let always = bit(VIRTIO_BLK_F_SEG_MAX)
+    let always = bit(VIRTIO_BLK_F_SIZE_MAX)
+        | bit(VIRTIO_BLK_F_SEG_MAX)
         | bit(VIRTIO_BLK_F_BLK_SIZE)
         | bit(VIRTIO_BLK_F_TOPOLOGY)
         | bit(VIRTIO_BLK_F_FLUSH)
@@ -256,9 +266,8 @@ fn virtio_features_for_each_option_combination() {
                 }
                 let features = cfg.virtio_features();
                 assert_eq!(features, expected, "{discard} {write_zeroes} {read_only}");
-                // Never offered: size_max, geometry, and the vhost-user protocol bit (30)
-                // that vhost-server adds itself.
-                assert_eq!(features & bit(VIRTIO_BLK_F_SIZE_MAX), 0);
+                // Never offered: geometry, and the vhost-user protocol bit (30) that
+                // vhost-server adds itself.
                 assert_eq!(features & bit(VIRTIO_BLK_F_GEOMETRY), 0);
                 assert_eq!(features & bit(30), 0);
             }
@@ -273,8 +282,8 @@ fn distinctive_config() -> DeviceConfig {
         physical_block_size: 16384,
         min_io_size: 2 * 4096,
         opt_io_size: 0x10 * 4096,
-        seg_max: 0x1122_3344,
-        max_transfer_bytes: 32 << 20,
+        seg_max: 0x3344,
+        max_transfer_bytes: 0xf000_0000,
         num_queues: 0x0506,
         read_only: false,
         discard: true,
@@ -292,8 +301,8 @@ fn distinctive_config() -> DeviceConfig {
 #[rustfmt::skip]
 const EXPECTED_SPACE: [u8; CONFIG_SPACE_SIZE] = [
     0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, // 0 capacity
-    0, 0, 0, 0,                                     // 8 size_max (not offered)
-    0x44, 0x33, 0x22, 0x11,                         // 12 seg_max
+    0x00, 0xa0, 0x04, 0x00,                         // 8 size_max: 0xf000_0000 / 0x3344, in 4K
+    0x44, 0x33, 0x00, 0x00,                         // 12 seg_max
     0, 0, 0, 0,                                     // 16 geometry (not offered)
     0x00, 0x10, 0x00, 0x00,                         // 20 blk_size 4096
     2,                                              // 24 physical_block_exp: 16K/4K = 2^2
@@ -405,4 +414,36 @@ fn only_a_one_byte_wce_write_is_accepted() {
     assert_eq!(parse_config_write(0, &[0; 8]), None);
     assert_eq!(parse_config_write(28, &[0, 0, 0, 0, 1]), None);
     assert_eq!(parse_config_write(u32::MAX, &[1]), None);
+}
+
+#[test]
+fn size_max_is_the_largest_block_multiple_whose_seg_max_segments_fit_max_transfer() {
+    for lbs in [512u32, 4096] {
+        for queue_size in [4u16, 64, 128, 256, 1024] {
+            for max_transfer in [1u32 << 20, 4 << 20, 32 << 20] {
+                let mut cfg = DeviceConfig::new(64 * MIB, lbs, 1, queue_size);
+                cfg.max_transfer_bytes = max_transfer;
+                let size_max = cfg.size_max();
+                let what = format!("lbs {lbs} queue {queue_size} max {max_transfer}");
+                assert_eq!(size_max % lbs, 0, "{what}");
+                assert!(
+                    u64::from(size_max) * u64::from(cfg.seg_max) <= u64::from(max_transfer),
+                    "{what}"
+                );
+                assert!(
+                    u64::from(size_max + lbs) * u64::from(cfg.seg_max) > u64::from(max_transfer),
+                    "{what}: not the largest"
+                );
+                let space = cfg.config_space(true);
+                assert_eq!(space[8..12], size_max.to_le_bytes(), "{what}");
+                assert_ne!(cfg.virtio_features() & bit(VIRTIO_BLK_F_SIZE_MAX), 0);
+                if size_max >= 4096 {
+                    assert_eq!(cfg.validate(), Ok(()), "{what}");
+                }
+            }
+        }
+    }
+    // The defaults: 32 MiB over 254 segments.
+    let cfg = DeviceConfig::new(64 * MIB, 512, 1, 256);
+    assert_eq!(cfg.size_max(), (32 << 20) / 254 / 512 * 512);
 }

@@ -621,7 +621,7 @@ fn more_segments_than_seg_max_plus_two_rejected() {
     let mut cfg = config();
     cfg.seg_max = 2;
     let mut req = Request::for_config(&cfg);
-    assert_eq!(req.iovecs.capacity(), 4);
+    assert_eq!(req.iovecs.capacity(), 8, "two iovecs per allowed segment");
     put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
     let four: Vec<D> = (0..4).map(|i| w(DATA + 0x1000 * i, 512)).collect();
     parse_descs(&mem, &cfg, &chain_with(&four), &mut req).unwrap();
@@ -635,12 +635,31 @@ fn more_segments_than_seg_max_plus_two_rejected() {
         &mem,
     );
     assert_eq!(req.used_len, 5 * 512 + 1);
-    // Region splitting counts: 3 buffers + 1 crossing the boundary = 5 iovecs.
+    // Region splitting does not count against seg_max: 4 buffers, each crossing the
+    // boundary between the two regions, are 8 iovecs and fine.
     put_header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
-    let mut crossing: Vec<D> = (0..3).map(|i| r(DATA + 0x1000 * i, 512)).collect();
-    crossing.push(r(REGION_SPLIT - 256, 512));
-    let result = parse_descs(&mem, &cfg, &chain_with(&crossing), &mut req);
-    assert_eq!(result, Err(ParseError::TooManySegments { max: 4 }));
+    let crossing: Vec<D> = (0..4).map(|_| r(REGION_SPLIT - 256, 512)).collect();
+    parse_descs(&mem, &cfg, &chain_with(&crossing), &mut req).unwrap();
+    assert_eq!(req.iovecs.len(), 8);
+    // ... but the iovecs must fit the request: with room for 7, the 8th does not.
+    let mut small = Request::with_capacity(7, 1);
+    let result = parse_descs(&mem, &cfg, &chain_with(&crossing), &mut small);
+    assert_eq!(result, Err(ParseError::TooManySegments { max: 7 }));
+}
+
+#[test]
+fn seg_max_buffers_that_all_cross_region_boundaries_are_accepted() {
+    // The config allows seg_max segments wherever they sit; a request sized by for_config
+    // takes them even when every one is split in two.
+    let mem = guest();
+    let cfg = config();
+    let mut req = Request::for_config(&cfg);
+    put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    let data: Vec<D> = (0..cfg.seg_max)
+        .map(|_| w(REGION_SPLIT - 256, 512))
+        .collect();
+    parse_descs(&mem, &cfg, &chain_with(&data), &mut req).unwrap();
+    assert_eq!(req.iovecs.len(), 2 * cfg.seg_max as usize);
 }
 
 #[test]
@@ -1059,4 +1078,124 @@ fn previous_request_state_is_cleared() {
     assert!(req.iovecs.is_empty(), "stale iovecs");
     assert!(req.status.is_null(), "stale status");
     assert_eq!(req.used_len, 0);
+}
+
+// ---------------------------------------------------------------- data direction
+
+#[test]
+fn a_read_whose_data_is_device_readable_gets_ioerr() {
+    let mem = guest();
+    let mut req = request();
+    put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    // All the data readable by the device: nothing could be read into it.
+    let result = parse_descs(&mem, &config(), &chain_with(&[r(DATA, 4096)]), &mut req);
+    assert_request_error(
+        result,
+        ParseError::WrongDirection {
+            kind: RequestKind::Read,
+            bytes: 4096,
+        },
+        VIRTIO_BLK_S_IOERR,
+        &req,
+        &mem,
+    );
+    // Readable bytes sharing the header's descriptor count too, even beside writable data.
+    let result = parse_descs(
+        &mem,
+        &config(),
+        &[r(HDR, 16 + 512), w(DATA, 512), w(STATUS, 1)],
+        &mut req,
+    );
+    assert_request_error(
+        result,
+        ParseError::WrongDirection {
+            kind: RequestKind::Read,
+            bytes: 512,
+        },
+        VIRTIO_BLK_S_IOERR,
+        &req,
+        &mem,
+    );
+    assert_eq!(req.used_len, 513, "used len = the writable bytes");
+}
+
+#[test]
+fn a_write_whose_data_is_device_writable_gets_ioerr() {
+    let mem = guest();
+    let mut req = request();
+    put_header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
+    let result = parse_descs(&mem, &config(), &chain_with(&[w(DATA, 4096)]), &mut req);
+    assert_request_error(
+        result,
+        ParseError::WrongDirection {
+            kind: RequestKind::Write,
+            bytes: 4096,
+        },
+        VIRTIO_BLK_S_IOERR,
+        &req,
+        &mem,
+    );
+    // Data before the status byte in the status's own descriptor is writable data too.
+    let result = parse_descs(&mem, &config(), &[r(HDR, 16), w(DATA, 513)], &mut req);
+    assert_eq!(
+        result,
+        Err(ParseError::WrongDirection {
+            kind: RequestKind::Write,
+            bytes: 512,
+        })
+    );
+    assert_eq!(req.status, host(&mem, DATA + 512));
+}
+
+#[test]
+fn reads_and_writes_of_no_data_are_still_valid() {
+    // As in QEMU: nothing asked, nothing done, nothing believed.
+    let mem = guest();
+    let mut req = request();
+    for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+        put_header(&mem, HDR, t, 0);
+        parse_descs(&mem, &config(), &chain_with(&[]), &mut req).unwrap();
+        assert_eq!(req.data_len, 0);
+    }
+}
+
+// ---------------------------------------------------------------- what the config promises
+
+#[test]
+fn seg_max_segments_of_size_max_are_accepted_in_both_directions() {
+    // The largest request the config space allows (seg_max segments of size_max bytes) is
+    // served, never TooLarge or TooManySegments; the segments may all alias one buffer.
+    let mem = guest();
+    for (lbs, queue_size, max_transfer) in [
+        (512u32, 256u16, 32u32 << 20),
+        (512, 1024, 32 << 20),
+        (4096, 128, 32 << 20),
+        (4096, 1024, 8 << 20),
+        (512, 64, 1 << 20),
+    ] {
+        let mut cfg = DeviceConfig::new(CAPACITY_BYTES, lbs, 1, queue_size);
+        cfg.max_transfer_bytes = max_transfer;
+        cfg.validate().unwrap();
+        let size_max = cfg.size_max();
+        assert!(u64::from(size_max) < INDIRECT - DATA, "test layout");
+        let mut req = Request::for_config(&cfg);
+        for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+            put_header(&mem, HDR, t, 0);
+            let data = (0..cfg.seg_max).map(|_| {
+                if t == VIRTIO_BLK_T_IN {
+                    w(DATA, size_max)
+                } else {
+                    r(DATA, size_max)
+                }
+            });
+            let mut descs = vec![r(HDR, 16)];
+            descs.extend(data);
+            descs.push(w(STATUS, 1));
+            let head = indirect_table(&mem, INDIRECT, &descs);
+            let what = format!("lbs {lbs} queue {queue_size} max {max_transfer} type {t}");
+            parse_raw_table(&mem, &cfg, &[head], &mut req)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(req.data_len, cfg.seg_max * size_max, "{what}");
+        }
+    }
 }

@@ -268,13 +268,19 @@ impl Ring {
         self.uring.params().cq_entries() as usize
     }
 
-    /// Queues one SQE; false when the SQ is full.
+    /// Queues linked SQEs, all or none; false when the SQ has no room for all of them.
     ///
     /// # Safety
-    /// Every buffer the entry points to must stay valid until its CQE is reaped.
-    pub(crate) unsafe fn push(&mut self, entry: &squeue::Entry) -> bool {
-        // SAFETY: the caller keeps the entry's buffers alive until completion.
-        unsafe { self.uring.submission().push(entry) }.is_ok()
+    /// Every buffer the entries point to must stay valid until their CQEs are reaped.
+    pub(crate) unsafe fn push_all(&mut self, entries: &[squeue::Entry]) -> bool {
+        let mut sq = self.uring.submission();
+        // One entry (the common case) without push_multiple's loop.
+        match entries {
+            // SAFETY: the caller keeps the entry's buffers alive until completion.
+            [one] => unsafe { sq.push(one) }.is_ok(),
+            // SAFETY: the caller keeps every entry's buffers alive until completion.
+            _ => unsafe { sq.push_multiple(entries) }.is_ok(),
+        }
     }
 
     /// SQEs queued and not yet handed to the kernel.

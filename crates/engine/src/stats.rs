@@ -34,7 +34,8 @@ pub enum StatKind {
     WriteZeroes = 5,
 }
 
-const KIND_NAMES: [&str; 6] = [
+/// Names of the request types, in `StatKind` order (the index into `by_kind`).
+pub const KIND_NAMES: [&str; 6] = [
     "read",
     "write",
     "flush",

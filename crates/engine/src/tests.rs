@@ -2,8 +2,13 @@
 //! pointing at test-owned buffers (standing in for guest memory).
 
 use super::*;
-use blk_proto::{Range, VIRTIO_BLK_S_IOERR};
+use crate::iovec::advance_iovecs;
+use crate::storage::{Fault, FaultRule, FaultStorage, IoKind};
+use blk_proto::{
+    Range, Request, RequestKind, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::atomic::AtomicBool;
 
 const MIB: u64 = 1 << 20;
 
@@ -30,13 +35,15 @@ fn config(writeback: bool) -> EngineConfig {
         cpu: None,
         iowq_max_workers: 0,
         fixed_buffers: true,
+        bounce_budget: DEFAULT_BOUNCE_BUDGET,
+        block_discard: BlockDiscard::Auto,
     }
 }
 
 fn fixture(direct: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
-    let backend = Backend::open(
+    let backend = Storage::open(
         &path,
         &ImageOptions {
             read_only: false,
@@ -336,7 +343,7 @@ fn a_host_error_reaches_the_guest_as_ioerr() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ro.img");
     std::fs::File::create(&path).unwrap().set_len(MIB).unwrap();
-    let backend = Backend::open(
+    let backend = Storage::open(
         &path,
         &ImageOptions {
             read_only: true,
@@ -404,7 +411,7 @@ fn short_transfers_continue_where_they_stopped() {
 fn writethrough_writes_still_land() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wt.img");
-    let backend = Backend::open(
+    let backend = Storage::open(
         &path,
         &ImageOptions {
             read_only: false,
@@ -426,7 +433,7 @@ fn writethrough_writes_still_land() {
 
 #[test]
 fn null_backend_completes_inline() {
-    let mut e = Engine::new(Arc::new(Backend::null(MIB)), config(true)).unwrap();
+    let mut e = Engine::new(Arc::new(Storage::null(MIB)), config(true)).unwrap();
     let mut data = Buf::new(4096);
     let mut st = 0;
     let r = request(&mut e, RequestKind::Read, 0, &mut [&mut data], &mut st);
@@ -446,7 +453,7 @@ fn null_backend_completes_inline() {
 
 #[test]
 fn pool_exhaustion_is_backpressure_not_allocation() {
-    let mut e = Engine::new(Arc::new(Backend::null(MIB)), config(true)).unwrap();
+    let mut e = Engine::new(Arc::new(Storage::null(MIB)), config(true)).unwrap();
     let taken: Vec<Request> = (0..64).map(|_| e.take_request().unwrap()).collect();
     assert!(e.take_request().is_none());
     for r in taken {
@@ -484,7 +491,7 @@ fn fifo_engine(cfg: EngineConfig) -> (Engine, std::fs::File, tempfile::TempDir) 
         .open(&path)
         .unwrap();
     let reader = std::fs::File::open(&path).unwrap();
-    let backend = Backend::from_file_for_tests(file, 64 * MIB);
+    let backend = Storage::from_file_for_tests(file, 64 * MIB);
     (Engine::new(Arc::new(backend), cfg).unwrap(), reader, dir)
 }
 
@@ -549,7 +556,7 @@ fn more_ops_than_the_cq_holds_wait_in_the_backlog_and_all_complete() {
         .unwrap()
         .write_all(&vec![0x5a; 2 * MIB as usize])
         .unwrap();
-    fx.engine = Engine::new(fx.engine.backend.clone(), cfg).unwrap();
+    fx.engine = Engine::new(fx.engine.storage.clone(), cfg).unwrap();
     let cq = fx.engine.ring_capacity;
     assert_eq!(cq, 16);
     let mut status = [0u8; 16];
@@ -588,7 +595,7 @@ fn rings_without_defer_taskrun_serve_io_the_same() {
         let mut cfg = config(true);
         cfg.ring_setup = setup;
         let mut fx = fixture(true);
-        fx.engine = Engine::new(fx.engine.backend.clone(), cfg).unwrap();
+        fx.engine = Engine::new(fx.engine.storage.clone(), cfg).unwrap();
         let want = match setup {
             RingSetup::Coop => RingMode::CoopTaskrun,
             _ => RingMode::Plain,
@@ -854,5 +861,328 @@ fn the_cq_holds_a_request_of_every_queue_of_the_iothread() {
         assert!(sq <= 4096 && cq >= 2 * sq, "{requests}: sq {sq} cq {cq}");
         assert_eq!(cq, want_cq, "{requests} requests");
         assert!(cq as usize >= requests.min(65536));
+    }
+}
+
+/// An engine over the fault-injecting backend (a 4 MiB disk in memory).
+fn fault_engine(writeback: bool) -> (Engine, Arc<FaultStorage>) {
+    let fault = FaultStorage::new(vec![0u8; 4 * MIB as usize]);
+    let storage = Storage::fault(fault.clone());
+    (
+        Engine::new(Arc::new(storage), config(writeback)).unwrap(),
+        fault,
+    )
+}
+
+/// Waits on the completion eventfd (an external backend's results), reaping.
+fn run_external(e: &mut Engine, expect: usize) -> Vec<Completion> {
+    e.submit().unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.len() < expect {
+        assert!(Instant::now() < deadline, "timed out");
+        e.wait_eventfd(Duration::from_millis(10));
+        e.reap().unwrap();
+        out.extend(e.take_completions());
+    }
+    out
+}
+
+#[test]
+fn an_external_backend_gets_planned_ops_and_reports_through_the_eventfd() {
+    let (mut e, fault) = fault_engine(true);
+    let mut data = Buf::new(8192);
+    data.slice().fill(0x42);
+    let mut st = 0;
+    let r = request(&mut e, RequestKind::Write, 8, &mut [&mut data], &mut st);
+    e.enqueue(r, 0, 1);
+    let c = run_external(&mut e, 1);
+    assert_eq!(c[0].head, 1);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert!(fault.bytes(4096, 8192).iter().all(|&b| b == 0x42));
+    let mut back = Buf::new(4096);
+    let r = request(&mut e, RequestKind::Read, 16, &mut [&mut back], &mut st);
+    e.enqueue(r, 0, 2);
+    run_external(&mut e, 1);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert!(back.slice().iter().all(|&b| b == 0x42));
+    let rec = fault.record();
+    assert_eq!(
+        rec.iter()
+            .map(|r| (r.kind, r.offset, r.len))
+            .collect::<Vec<_>>(),
+        [(IoKind::Write, 4096, 8192), (IoKind::Read, 8192, 4096)]
+    );
+    assert!(rec.iter().all(|r| !r.dsync), "the write cache is on");
+}
+
+#[test]
+fn an_op_the_backend_refuses_fails_its_requests_and_the_rest_of_the_batch_goes_on() {
+    let (mut e, fault) = fault_engine(true);
+    // Sectors 0..16 refuse to start: the two adjacent writes there merge into one op.
+    fault.inject(FaultRule::kinds(&[IoKind::Write], Fault::Reject(libc::EIO)).at(0..8192));
+    let mut bufs: Vec<Buf> = (0..3).map(|_| Buf::new(4096)).collect();
+    let mut sts = [0u8; 3];
+    for (i, (b, s)) in bufs.iter_mut().zip(sts.iter_mut()).enumerate() {
+        b.slice().fill(0x30 + i as u8);
+        let sector = [0, 8, 64][i];
+        let r = request(&mut e, RequestKind::Write, sector, &mut [b], s);
+        e.enqueue(r, 0, i as u16);
+    }
+    let c = run_external(&mut e, 3);
+    assert_eq!(c.len(), 3, "no request stranded");
+    assert_eq!(
+        sts,
+        [VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK]
+    );
+    assert_eq!(e.in_flight(), 0);
+    assert!(
+        fault.bytes(0, 8192).iter().all(|&b| b == 0),
+        "nothing written"
+    );
+    assert!(fault.bytes(64 * 512, 4096).iter().all(|&b| b == 0x32));
+    assert_eq!(e.stats()[0].by_kind[StatKind::Write as usize].errors, 2);
+}
+
+#[test]
+fn eagain_is_retried_until_it_succeeds_and_bounded_when_it_never_does() {
+    let (mut e, fault) = fault_engine(true);
+    fault.inject(FaultRule::kinds(&[IoKind::Read], Fault::Errno(libc::EAGAIN)).times(3));
+    let mut b = Buf::new(4096);
+    let mut st = 0;
+    let r = request(&mut e, RequestKind::Read, 0, &mut [&mut b], &mut st);
+    e.enqueue(r, 0, 1);
+    run_external(&mut e, 1);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(fault.record().len(), 4, "three EAGAINs, then the read");
+    // EAGAIN forever: the request fails instead of spinning for good.
+    fault.inject(FaultRule::kinds(
+        &[IoKind::Read],
+        Fault::Errno(libc::EAGAIN),
+    ));
+    fault.clear_record();
+    let r = request(&mut e, RequestKind::Read, 0, &mut [&mut b], &mut st);
+    e.enqueue(r, 0, 2);
+    run_external(&mut e, 1);
+    assert_eq!(st, VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        fault.record().len(),
+        1 + crate::complete::MAX_RETRIES as usize
+    );
+}
+
+#[test]
+fn a_short_transfer_is_resubmitted_for_the_rest() {
+    for kind in [RequestKind::Write, RequestKind::Read] {
+        let (mut e, fault) = fault_engine(true);
+        let io = if kind == RequestKind::Write {
+            IoKind::Write
+        } else {
+            IoKind::Read
+        };
+        fault.inject(FaultRule::kinds(&[io], Fault::Short(5000)).times(2));
+        let mut b = Buf::new(16384);
+        for (i, x) in b.slice().iter_mut().enumerate() {
+            *x = (i % 253) as u8;
+        }
+        let want = b.slice().to_vec();
+        if kind == RequestKind::Read {
+            // Put the pattern on the disk first, then read it into a cleared buffer.
+            let mut w = Buf::new(16384);
+            w.slice().copy_from_slice(&want);
+            let mut st = 0;
+            let r = request(&mut e, RequestKind::Write, 8, &mut [&mut w], &mut st);
+            e.enqueue(r, 0, 0);
+            run_external(&mut e, 1);
+            b.slice().fill(0);
+            fault.clear_record();
+        }
+        let mut st = 0;
+        let r = request(&mut e, kind, 8, &mut [&mut b], &mut st);
+        e.enqueue(r, 0, 1);
+        run_external(&mut e, 1);
+        assert_eq!(st, VIRTIO_BLK_S_OK, "{kind:?}");
+        assert_eq!(
+            fault
+                .record()
+                .iter()
+                .map(|r| (r.offset, r.len))
+                .collect::<Vec<_>>(),
+            [
+                (4096, 16384),
+                (4096 + 5000, 16384 - 5000),
+                (4096 + 10000, 6384)
+            ],
+            "{kind:?}: each resubmission goes on where the last stopped"
+        );
+        assert_eq!(fault.bytes(4096, 16384), want, "{kind:?}");
+        assert_eq!(b.slice().to_vec(), want, "{kind:?}");
+    }
+}
+
+#[test]
+fn wait_idle_is_bounded_and_says_what_is_left() {
+    let (mut e, mut reader, _dir) = fifo_engine(config(true));
+    let mut data = Buf::new(MIB as usize);
+    let mut st = 0;
+    let w = request(&mut e, RequestKind::Write, 0, &mut [&mut data], &mut st);
+    e.enqueue(w, 0, 1);
+    let f = request(&mut e, RequestKind::Flush, 0, &mut [], &mut st);
+    e.enqueue(f, 0, 2);
+    let started = Instant::now();
+    match e.wait_idle(Duration::from_millis(200)) {
+        Err(EngineError::Timeout { requests, .. }) => assert_eq!(requests, 2),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let drain = std::thread::spawn(move || {
+        let mut sink = vec![0u8; MIB as usize];
+        reader.read_exact(&mut sink).unwrap();
+    });
+    e.wait_idle(Duration::from_secs(10)).unwrap();
+    drain.join().unwrap();
+    assert_eq!(e.take_completions().count(), 2);
+}
+
+#[test]
+fn writethrough_fallocates_carry_a_linked_data_sync_on_the_ring() {
+    for (kind, unmap) in [
+        (RequestKind::Discard, false),
+        (RequestKind::WriteZeroes, false),
+        (RequestKind::WriteZeroes, true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wt.img");
+        std::fs::write(&path, vec![0x5a; MIB as usize]).unwrap();
+        let storage = Storage::open(
+            &path,
+            &ImageOptions {
+                read_only: false,
+                direct: false,
+                create_size: None,
+            },
+        )
+        .unwrap();
+        let mut e = Engine::new(Arc::new(storage), config(false)).unwrap();
+        let before = e.ring_counters().sqes;
+        let mut st = 0;
+        let mut r = request(&mut e, kind, 0, &mut [], &mut st);
+        r.ranges.push(Range {
+            sector: 8,
+            num_sectors: 16,
+            unmap,
+        });
+        e.enqueue(r, 0, 0);
+        run_to_completion(&mut e, 1);
+        assert_eq!(st, VIRTIO_BLK_S_OK, "{kind:?} unmap={unmap}");
+        assert_eq!(
+            e.ring_counters().sqes - before,
+            2,
+            "{kind:?}: the fallocate and its fdatasync"
+        );
+        assert!(file_bytes(&path, 4096, 8192).iter().all(|&b| b == 0));
+        assert!(file_bytes(&path, 0, 4096).iter().all(|&b| b == 0x5a));
+    }
+}
+
+#[test]
+fn writethrough_ops_report_a_failing_sync() {
+    let (mut e, fault) = fault_engine(false);
+    fault.inject(FaultRule::kinds(&[IoKind::Discard], Fault::FailSync));
+    let mut st = 0;
+    let mut r = request(&mut e, RequestKind::Discard, 0, &mut [], &mut st);
+    r.ranges.push(Range {
+        sector: 8,
+        num_sectors: 8,
+        unmap: false,
+    });
+    e.enqueue(r, 0, 0);
+    let mut data = Buf::new(4096);
+    let mut sw = 0;
+    let w = request(&mut e, RequestKind::Write, 64, &mut [&mut data], &mut sw);
+    e.enqueue(w, 0, 1);
+    run_external(&mut e, 2);
+    assert_eq!(st, VIRTIO_BLK_S_IOERR, "the discard's sync failed");
+    assert_eq!(sw, VIRTIO_BLK_S_OK);
+    let rec = fault.record();
+    assert!(rec
+        .iter()
+        .any(|r| r.kind == IoKind::Discard && r.sync_after));
+    assert!(rec.iter().any(|r| r.kind == IoKind::Write && r.dsync));
+}
+
+/// The rw_flags field of an SQE (io_uring_sqe bytes 28..32).
+fn sqe_rw_flags(entry: io_uring::squeue::Entry) -> u32 {
+    // SAFETY: squeue::Entry is #[repr(C)] over the 64-byte io_uring_sqe, built from zeroed
+    // bytes by the io-uring crate, so every byte is initialised.
+    let bytes: [u8; 64] = unsafe { std::mem::transmute(entry) };
+    u32::from_ne_bytes(bytes[28..32].try_into().unwrap())
+}
+
+#[test]
+fn writethrough_writes_carry_rwf_dsync_in_their_sqe_and_writeback_ones_do_not() {
+    for writeback in [false, true] {
+        // The FIFO holds the write in flight, so its op can be looked at.
+        let (mut e, mut reader, _dir) = fifo_engine(config(writeback));
+        let mut data = Buf::new(MIB as usize);
+        let mut st = 0;
+        let w = request(&mut e, RequestKind::Write, 0, &mut [&mut data], &mut st);
+        e.enqueue(w, 0, 1);
+        e.submit().unwrap();
+        let keys: Vec<usize> = e.ops.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys.len(), 1);
+        let flags = sqe_rw_flags(e.sqe(keys[0]).0);
+        assert_eq!(
+            flags & libc::RWF_DSYNC as u32 != 0,
+            !writeback,
+            "writeback={writeback}: rw_flags {flags:#x}"
+        );
+        let drain = std::thread::spawn(move || {
+            let mut sink = vec![0u8; MIB as usize];
+            reader.read_exact(&mut sink).unwrap();
+        });
+        run_to_completion(&mut e, 1);
+        drain.join().unwrap();
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+    }
+}
+
+#[test]
+fn a_linked_pair_reports_the_error_of_either_cqe() {
+    // (fallocate CQE, fdatasync CQE) -> status: the sync's error counts when the op worked,
+    // the op's when it did not (its sync is cancelled then).
+    for (first, second, want) in [
+        (0, 0, VIRTIO_BLK_S_OK),
+        (0, -libc::EIO, VIRTIO_BLK_S_IOERR),
+        (-libc::ENOSPC, -libc::ECANCELED, VIRTIO_BLK_S_IOERR),
+    ] {
+        let mut fx = fixture(false);
+        let mut st = 0;
+        let r = request(
+            &mut fx.engine,
+            RequestKind::WriteZeroes,
+            0,
+            &mut [],
+            &mut st,
+        );
+        let mut r = r;
+        r.ranges.push(Range {
+            sector: 8,
+            num_sectors: 8,
+            unmap: false,
+        });
+        fx.engine.enqueue(r, 0, 0);
+        // Take the request before submit plans it, and play the ring's part by hand.
+        let key = fx.engine.batch.pop().unwrap();
+        let op = fx
+            .engine
+            .new_op(IoKind::WriteZeroes { unmap: false }, 4096, key);
+        fx.engine.ops[op].sync_after = true;
+        fx.engine
+            .on_cqe(op as u64 | crate::uring::LINKED_FIRST, first);
+        assert_eq!(st, 0xff, "not complete before the sync's CQE");
+        fx.engine.on_cqe(op as u64, second);
+        assert_eq!(st, want, "({first}, {second})");
+        assert_eq!(fx.engine.in_flight(), 0);
     }
 }

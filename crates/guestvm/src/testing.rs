@@ -14,6 +14,18 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// True when `tool` is on PATH. Otherwise, outside CI, prints "SKIPPED: <reason>" (straight to
+/// stderr, which libtest does not capture) and returns false; in CI a missing tool panics.
+pub fn tool_or_skip(test_name: &str, tool: &str, install_hint: &str) -> bool {
+    if crate::find_in_path(tool) {
+        return true;
+    }
+    let reason = format!("{test_name}: {tool} missing ({install_hint})");
+    assert!(!in_ci(), "CI must install {tool}: {reason}");
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
+    false
+}
+
 /// Checks that VMs can run here (and that `extra_tools` are installed) and builds the guest
 /// (once per process). Returns the guest folder, or `None` after printing "SKIPPED: <reason>"
 /// when a prerequisite is missing outside CI. In CI a missing prerequisite panics, and a failed

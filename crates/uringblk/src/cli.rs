@@ -11,7 +11,8 @@ use clap::Parser;
     version,
     about = "vhost-user-blk server whose dataplane is io_uring",
     after_help = "Example: uringblk --socket /tmp/uringblk.sock --image disk.img --create 1G --queues 2 --iothreads 2 --cpus 0,1\n\
-                  Signals: SIGTERM/SIGINT stop cleanly (in-flight I/O drained), SIGUSR1 prints statistics as JSON on stdout."
+                  Signals: SIGTERM/SIGINT stop cleanly (in-flight I/O drained), SIGUSR1 prints statistics as JSON on stdout.\n\
+                  A running server with --control PATH answers `uringblk ctl --control PATH COMMAND` (see `uringblk ctl --help`)."
 )]
 pub struct Cli {
     /// Unix socket the VMM (vhost-user frontend) connects to.
@@ -107,6 +108,13 @@ pub struct Cli {
     #[arg(long, value_name = "KIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
     pub merge_max_kib: u64,
 
+    /// O_DIRECT bounce memory per iothread, in MiB: requests whose guest buffers miss the
+    /// image's DIO alignment are copied through aligned buffers drawn from this budget; one
+    /// that does not fit waits for memory to come back. A request larger than the whole budget
+    /// is still served, alone.
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub bounce_budget_mib: u64,
+
     /// Do not register guest memory with the rings as fixed buffers (plain READV/WRITEV,
     /// which pin the pages of every request anew).
     #[arg(long)]
@@ -115,6 +123,26 @@ pub struct Cli {
     /// Start with the write cache off: every write is durable (O_DSYNC) before it completes.
     #[arg(long)]
     pub writethrough: bool,
+
+    /// Do not lock the image. By default it is locked the way QEMU locks images (OFD locks
+    /// on QEMU's permission bytes), for the life of the process: while it is served, QEMU,
+    /// qemu-img and other uringblk processes cannot open it for writing, and an image that one
+    /// of them holds for writing is refused. (--null has nothing to lock.)
+    #[arg(long)]
+    pub no_lock: bool,
+
+    /// Control socket (unix, owner-only) for `uringblk ctl --control PATH stats|info|flush|write-cache`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9765). Loopback only
+    /// unless --metrics-allow-remote.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+
+    /// Allow --metrics on a non-loopback address (the metrics have no authentication).
+    #[arg(long, requires = "metrics")]
+    pub metrics_allow_remote: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -255,5 +283,20 @@ mod tests {
         assert!(parse_serial("012345678901234567890").is_err());
         assert_eq!(parse_block_size("4096"), Ok(4096));
         assert!(parse_block_size("1024").is_err());
+    }
+
+    #[test]
+    fn the_bounce_budget_defaults_to_64_mib_and_is_never_zero() {
+        let base = ["uringblk", "--socket", "/tmp/s", "--null", "1G"];
+        let cli = Cli::try_parse_from(base).expect("defaults parse");
+        assert_eq!(cli.bounce_budget_mib, 64);
+        let with = |v: &str| {
+            let mut args = base.to_vec();
+            args.extend(["--bounce-budget-mib", v]);
+            Cli::try_parse_from(args)
+        };
+        assert_eq!(with("1").expect("1 MiB").bounce_budget_mib, 1);
+        assert!(with("0").is_err());
+        assert!(with("x").is_err());
     }
 }

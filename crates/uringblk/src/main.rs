@@ -1,8 +1,11 @@
 //! uringblk: serves one disk image (or a null device) over vhost-user-blk. This binary only
-//! wires things together: flags (cli.rs) -> storage backend (engine) -> vhost-user backend
-//! (vhost-server) -> connection loop, plus logging and signals.
+//! wires things together: flags (cli.rs) -> storage backend (engine) -> image lock
+//! (image-lock) -> vhost-user backend (vhost-server) -> connection loop, plus logging and
+//! signals.
 
 mod cli;
+mod ctl;
+mod operator;
 
 use std::io::Write;
 use std::path::Path;
@@ -12,10 +15,11 @@ use std::sync::Arc;
 
 use blk_proto::DeviceConfig;
 use clap::Parser;
-use engine::{Backend, ImageOptions, MergeLimits};
+use engine::{ImageOptions, MergeLimits, Storage};
+use image_lock::{Access, ImageLock, LockError};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
-use vhost_server::{BlkBackend, ServerConfig};
+use vhost_server::{ServerConfig, VhostUserBlk};
 
 use cli::Cli;
 
@@ -26,8 +30,15 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
+    let mut args = std::env::args();
+    if std::env::args().nth(1).as_deref() == Some("ctl") {
+        let program = args.next().unwrap_or_else(|| "uringblk".into());
+        args.next();
+        return ctl::run(std::iter::once(format!("{program} ctl")).chain(args));
+    }
     let cli = Cli::parse();
-    let (backend, storage) = match build(&cli) {
+    // The image lock is held until the process ends, across every reconnect.
+    let (backend, storage, _image_lock) = match build(&cli) {
         Ok(b) => b,
         Err(msg) => {
             eprintln!("uringblk: error: {msg}");
@@ -41,6 +52,38 @@ fn main() -> ExitCode {
             eprintln!("uringblk: error: cannot handle signals: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    let operator = Arc::new(operator::Operator {
+        backend: backend.clone(),
+        storage: storage.clone(),
+        image: cli.image.clone(),
+        readonly: cli.readonly,
+        queues: cli.queues,
+        iothreads: iothread_count(&cli),
+        logical_block_size: cli.logical_block_size,
+    });
+    // Both listen before the vhost-user socket exists, so a bad address fails the start.
+    let _control = match &cli.control {
+        Some(path) => match control::ControlServer::start(path, operator.clone()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("uringblk: error: {e}");
+                return ExitCode::from(USAGE);
+            }
+        },
+        None => None,
+    };
+    let _metrics = match cli.metrics {
+        Some(addr) => {
+            match metrics::MetricsServer::start(addr, cli.metrics_allow_remote, operator.clone()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    eprintln!("uringblk: error: {e}");
+                    return ExitCode::from(USAGE);
+                }
+            }
+        }
+        None => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
@@ -68,7 +111,9 @@ fn main() -> ExitCode {
     log::info!("stopping: draining in-flight I/O");
     stop.store(true, Ordering::SeqCst);
     backend.begin_stop();
-    backend.quiesce();
+    if let Err(e) = backend.quiesce() {
+        log::error!("stopping: {e}");
+    }
     if let Err(e) = storage.sync() {
         log::error!("final sync of the image failed: {e}");
     }
@@ -79,14 +124,11 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Checks every flag against the others and the storage, then builds the backend.
-fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
+/// Checks every flag against the others and the storage, locks the image, then builds the
+/// backend.
+fn build(cli: &Cli) -> Result<(VhostUserBlk, Arc<Storage>, Option<ImageLock>), String> {
     let cpus = cli.cpus.clone().map(|c| c.0).unwrap_or_default();
-    let iothreads = match (cli.iothreads, cpus.len()) {
-        (Some(n), _) => n as usize,
-        (None, 0) => 1,
-        (None, n) => n,
-    };
+    let iothreads = iothread_count(cli);
     if iothreads > cli.queues as usize {
         return Err(format!(
             "--iothreads {iothreads} exceeds --queues {}: each iothread needs a queue",
@@ -109,14 +151,15 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
                 direct: !cli.buffered,
                 create_size: cli.create,
             };
-            let b = Backend::open(path, &opts).map_err(|e| e.to_string())?;
+            let b = Storage::open(path, &opts).map_err(|e| e.to_string())?;
             b.check_block_size(path, cli.logical_block_size)
                 .map_err(|e| e.to_string())?;
             b
         }
-        (None, Some(size)) => Backend::null(size),
+        (None, Some(size)) => Storage::null(size),
         (None, None) => return Err("give --image PATH or --null SIZE".into()),
     };
+    let image_lock = lock_image(cli)?;
     let capacity = storage.capacity_bytes();
     if capacity < u64::from(cli.logical_block_size) {
         return Err(format!(
@@ -137,7 +180,7 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
         ));
     }
     let storage = Arc::new(storage);
-    let backend = BlkBackend::new(
+    let backend = VhostUserBlk::new(
         ServerConfig {
             device,
             queue_size: cli.queue_size,
@@ -154,6 +197,7 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
             ring_setup: cli.ring_setup,
             iowq_max_workers: cli.iowq_max_workers,
             fixed_buffers: !cli.no_fixed_buffers,
+            bounce_budget: usize::try_from(cli.bounce_budget_mib << 20).unwrap_or(usize::MAX),
         },
         storage.clone(),
     )
@@ -172,7 +216,41 @@ fn build(cli: &Cli) -> Result<(BlkBackend, Arc<Backend>), String> {
         iothreads,
         cli.logical_block_size
     );
-    Ok((backend, storage))
+    Ok((backend, storage, image_lock))
+}
+
+/// --iothreads, else one per --cpus entry, else 1.
+fn iothread_count(cli: &Cli) -> usize {
+    match (cli.iothreads, cli.cpus.as_ref().map_or(0, |c| c.0.len())) {
+        (Some(n), _) => n as usize,
+        (None, 0) => 1,
+        (None, n) => n,
+    }
+}
+
+/// Locks the image as QEMU would lock it for this export (nothing to lock for --null).
+fn lock_image(cli: &Cli) -> Result<Option<ImageLock>, String> {
+    let Some(path) = &cli.image else {
+        return Ok(None);
+    };
+    if cli.no_lock {
+        log::warn!(
+            "--no-lock: {} is served without image locks",
+            path.display()
+        );
+        return Ok(None);
+    }
+    let access = if cli.readonly {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let lock = ImageLock::acquire(path, access).map_err(|e| match e {
+        LockError::Conflict { .. } => format!("{e}; --no-lock serves it anyway"),
+        _ => e.to_string(),
+    })?;
+    log::debug!("locked {} for {access:?}", lock.path().display());
+    Ok(Some(lock))
 }
 
 /// A socket file another live server answers on must not be stolen (a stale one is fine).
@@ -188,7 +266,7 @@ fn remove_socket(path: &Path) {
     }
 }
 
-fn print_stats(backend: &BlkBackend) {
+fn print_stats(backend: &VhostUserBlk) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", backend.stats_json());
     let _ = out.flush();

@@ -9,7 +9,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::BlkBackend;
+use crate::VhostUserBlk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -27,7 +27,7 @@ pub enum ServeError {
 /// Serves frontends one after another until `stop` is set (checked between connections).
 /// `on_listening` runs once the socket exists.
 pub fn serve(
-    backend: &BlkBackend,
+    backend: &VhostUserBlk,
     socket: &Path,
     stop: &Arc<AtomicBool>,
     on_listening: impl FnOnce(),
@@ -59,6 +59,7 @@ pub fn serve(
         }
         connection += 1;
         log::info!("frontend #{connection} connected");
+        backend.connection_started(daemon.shutdown_handle());
         match daemon.wait() {
             Ok(()) => log::info!("frontend #{connection} disconnected"),
             // A VM that shuts down just closes the socket: that is not worth a warning.
@@ -68,7 +69,9 @@ pub fn serve(
             Err(e) => log::warn!("frontend #{connection} ended with an error: {e}"),
         }
         // The iothreads finish their in-flight I/O on their own rings, then end (exit events).
-        backend.quiesce();
+        if let Err(e) = backend.quiesce() {
+            log::error!("after frontend #{connection}: {e}");
+        }
         drop(daemon);
         backend.connection_closed();
     }

@@ -2,11 +2,17 @@
 //! ring, `handle_event` drains it, and the used ring and the status byte come out.
 
 use super::*;
+use std::sync::Arc;
+
 use blk_proto::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_GET_ID};
+use engine::Storage;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
+use vmm_sys_util::epoll::EventSet;
 
 const QSIZE: u16 = 16;
 
@@ -16,8 +22,8 @@ fn device(queues: u16) -> DeviceConfig {
     d
 }
 
-fn backend(queues: u16, iothreads: usize) -> BlkBackend {
-    BlkBackend::new(
+fn backend(queues: u16, iothreads: usize) -> VhostUserBlk {
+    VhostUserBlk::new(
         ServerConfig {
             device: device(queues),
             queue_size: QSIZE,
@@ -30,8 +36,9 @@ fn backend(queues: u16, iothreads: usize) -> BlkBackend {
             ring_setup: engine::RingSetup::Auto,
             iowq_max_workers: 0,
             fixed_buffers: true,
+            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
         },
-        Arc::new(Backend::null(1 << 20)),
+        Arc::new(Storage::null(1 << 20)),
     )
     .unwrap()
 }
@@ -39,10 +46,10 @@ fn backend(queues: u16, iothreads: usize) -> BlkBackend {
 struct Harness {
     mem: GuestMem,
     vring: Vring,
-    backend: BlkBackend,
+    backend: VhostUserBlk,
 }
 
-fn harness(backend: BlkBackend, mq: &MockSplitQueue<Mem>, mem: GuestMem) -> Harness {
+fn harness(backend: VhostUserBlk, mq: &MockSplitQueue<Mem>, mem: GuestMem) -> Harness {
     let vring = Vring::new(mem.clone(), QSIZE).unwrap();
     vring
         .set_queue_info(mq.desc_table_addr().0, mq.avail_addr().0, mq.used_addr().0)
@@ -215,10 +222,98 @@ fn config_write_switches_the_write_cache() {
     assert_eq!(b.get_config(wce, 1), vec![1]);
 }
 
+fn backend_with_cache(writeback: bool) -> VhostUserBlk {
+    VhostUserBlk::new(
+        ServerConfig {
+            device: device(1),
+            queue_size: QSIZE,
+            iothreads: 1,
+            cpus: vec![],
+            writeback,
+            merge: MergeLimits::default(),
+            poll: Duration::ZERO,
+            submit_batch: 0,
+            ring_setup: engine::RingSetup::Auto,
+            iowq_max_workers: 0,
+            fixed_buffers: true,
+            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
+        },
+        Arc::new(Storage::null(1 << 20)),
+    )
+    .unwrap()
+}
+
+const FLUSH: u64 = 1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+const CONFIG_WCE: u64 = 1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
+
+fn wce(b: &VhostUserBlk) -> u8 {
+    b.get_config(blk_proto::WCE_OFFSET as u32, 1)[0]
+}
+
+#[test]
+fn a_driver_without_flush_gets_writethrough_and_cannot_switch_the_cache_on() {
+    let b = backend_with_cache(true);
+    let f = b.features() & !FLUSH;
+    b.acked_features(f);
+    assert_eq!(wce(&b), 0, "config space must say writethrough");
+    assert!(!b.write_cache_enabled(), "the engines must be writethrough");
+    b.set_config(blk_proto::WCE_OFFSET as u32, &[1]).unwrap();
+    assert_eq!(wce(&b), 0);
+    assert!(!b.write_cache_enabled());
+    // CONFIG_WCE without FLUSH is no better: it cannot flush.
+    b.acked_features(CONFIG_WCE);
+    assert!(!b.write_cache_enabled());
+}
+
+#[test]
+fn a_driver_with_flush_only_gets_the_configured_mode_and_cannot_change_it() {
+    for configured in [true, false] {
+        let b = backend_with_cache(configured);
+        b.acked_features(b.features() & !CONFIG_WCE);
+        assert_eq!(b.write_cache_enabled(), configured);
+        b.set_config(blk_proto::WCE_OFFSET as u32, &[u8::from(!configured)])
+            .unwrap();
+        assert_eq!(b.write_cache_enabled(), configured);
+        assert_eq!(wce(&b), u8::from(configured));
+    }
+}
+
+#[test]
+fn a_driver_with_flush_and_config_wce_switches_the_cache_and_reset_restores_it() {
+    let b = backend_with_cache(true);
+    // The driver writes the mode before it finishes negotiating (QEMU's sequence): it stands.
+    b.set_config(blk_proto::WCE_OFFSET as u32, &[0]).unwrap();
+    b.acked_features(b.features());
+    assert!(!b.write_cache_enabled());
+    assert_eq!(wce(&b), 0);
+    b.set_config(blk_proto::WCE_OFFSET as u32, &[1]).unwrap();
+    assert!(b.write_cache_enabled());
+    b.set_config(blk_proto::WCE_OFFSET as u32, &[0]).unwrap();
+    // RESET_DEVICE: the next driver starts from the configured mode.
+    b.reset_device();
+    assert!(b.write_cache_enabled());
+    assert_eq!(wce(&b), 1);
+    // A configured writethrough device starts every driver writethrough.
+    let b = backend_with_cache(false);
+    b.acked_features(b.features());
+    b.set_config(blk_proto::WCE_OFFSET as u32, &[1]).unwrap();
+    assert!(b.write_cache_enabled());
+    b.connection_closed();
+    assert!(!b.write_cache_enabled());
+}
+
+#[test]
+fn an_event_for_an_unknown_thread_does_not_end_the_worker() {
+    // An Err would end the library's worker thread without a word: it is handled instead
+    // (logged, the connection asked to end).
+    let b = backend(1, 1);
+    assert!(b.handle_event(0, EventSet::IN, &[], 7).is_ok());
+}
+
 #[test]
 fn bad_thread_and_cpu_counts_are_refused() {
     let mk = |iothreads, cpus: Vec<usize>| {
-        BlkBackend::new(
+        VhostUserBlk::new(
             ServerConfig {
                 device: device(2),
                 queue_size: QSIZE,
@@ -231,8 +326,9 @@ fn bad_thread_and_cpu_counts_are_refused() {
                 ring_setup: engine::RingSetup::Auto,
                 iowq_max_workers: 0,
                 fixed_buffers: true,
+                bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
             },
-            Arc::new(Backend::null(1 << 20)),
+            Arc::new(Storage::null(1 << 20)),
         )
     };
     assert!(matches!(mk(3, vec![]), Err(ServerError::IoThreads { .. })));
@@ -248,7 +344,7 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
     let mq = MockSplitQueue::new(&*m, QSIZE);
     let mut dev = device(1);
     dev.read_only = true;
-    let b = BlkBackend::new(
+    let b = VhostUserBlk::new(
         ServerConfig {
             device: dev,
             queue_size: QSIZE,
@@ -261,8 +357,9 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
             ring_setup: engine::RingSetup::Auto,
             iowq_max_workers: 0,
             fixed_buffers: true,
+            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
         },
-        Arc::new(Backend::null(1 << 20)),
+        Arc::new(Storage::null(1 << 20)),
     )
     .unwrap();
     assert_ne!(

@@ -1,5 +1,5 @@
 //! Hostile guest input on the whole data path: descriptor chains go in through a split
-//! virtqueue in (sentinel-guarded) guest memory, `BlkBackend::handle_event` drains them into the
+//! virtqueue in (sentinel-guarded) guest memory, `VhostUserBlk::handle_event` drains them into the
 //! io_uring engine over a real file, and we check what comes out: no panic, no hang, every
 //! chain answered (a status byte, or used length 0 for a chain too malformed to carry one), no
 //! byte written outside guest memory, and no guest byte written that the chains did not hand
@@ -474,6 +474,51 @@ fn a_read_only_status_descriptor_gets_nothing_written() {
         assert_eq!(f.byte(STATUS), FILL);
         assert_eq!(f.byte(STATUS + 1), FILL);
         assert!(f.bytes(DATA, 512).iter().all(|&b| b == FILL));
+    });
+}
+
+#[test]
+fn data_in_the_wrong_direction_gets_ioerr_and_is_not_touched() {
+    both_modes(1, 1, |f| {
+        let q = f.q(0);
+        let m = f.mem();
+        // 0: a read whose data is device-readable.  3: a write whose data is device-writable.
+        f.header(HDR, VIRTIO_BLK_T_IN, 0);
+        f.header(HDR + 16, VIRTIO_BLK_T_OUT, 8);
+        q.chain(
+            &m,
+            0,
+            &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+        );
+        q.chain(
+            &m,
+            3,
+            &[
+                (HDR + 16, 16, false),
+                (DATA + 512, 512, true),
+                (STATUS + 1, 1, true),
+            ],
+        );
+        let image_before = f.file(0, 8192);
+        f.submit(0, &[0, 3]);
+        assert_eq!(
+            f.byte(STATUS),
+            VIRTIO_BLK_S_IOERR,
+            "read: no data can arrive"
+        );
+        assert_eq!(
+            f.byte(STATUS + 1),
+            VIRTIO_BLK_S_IOERR,
+            "write: no data to write"
+        );
+        // Used len: the writable bytes, as for any answered request.
+        assert_eq!(q.used_entries(&m), vec![(0, 1), (3, 513)]);
+        assert!(f.bytes(DATA, 1024).iter().all(|&b| b == FILL));
+        assert_eq!(
+            f.file(0, 8192),
+            image_before,
+            "nothing written to the image"
+        );
     });
 }
 
@@ -1404,6 +1449,13 @@ proptest! {
         let dir = image_dir();
         check_random_case(&case, &dir.1)?;
     }
+}
+
+#[test]
+fn a_missing_prerequisite_is_a_visible_skip_and_a_failure_under_ci() {
+    let under_ci =
+        std::panic::catch_unwind(|| skip_in(true, "(an example; this panic is the test passing)"));
+    assert!(under_ci.is_err(), "a skip must fail under CI=true");
 }
 
 /// One image shared by every case of the property test (its contents do not matter there).

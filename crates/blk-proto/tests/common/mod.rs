@@ -126,8 +126,8 @@ pub fn parse_raw_table(
 /// Parses `chain` (the one the mock queue published first) with `parse` into `out`, and the
 /// same chain walked from the split ring with `parse_walk` into a twin of `out`; panics unless
 /// both give the same result and the same request. Returns the result. The one difference
-/// allowed: the walker refuses a chain of more than 1024 descriptors, which virtio-queue
-/// follows through an indirect table (blk_proto::split_ring's module doc).
+/// allowed: the walker refuses a chain longer than the queue, which virtio-queue follows
+/// through an indirect table (blk_proto::split_ring's module doc).
 pub fn parse_both_ways(
     mem: &Mem,
     queue: &MockSplitQueue<'_, Mem>,
@@ -139,7 +139,7 @@ pub fn parse_both_ways(
     let mut twin = Request::with_capacity(out.iovecs.capacity(), out.ranges.capacity());
     let (walked, why) = parse_walked_why(mem, queue, queue_size, cfg, &mut twin);
     let result = parse(chain, cfg, out);
-    if let Some(ChainError::TooManyDescriptors { .. }) = why {
+    if matches!(why, Some(ChainError::TooManyDescriptors { .. })) {
         assert_eq!(walked, Err(ParseError::DescriptorChain));
         return result;
     }

@@ -1,4 +1,4 @@
-//! A test guest for driving `BlkBackend` the way a frontend would, through the public API only:
+//! A test guest for driving `VhostUserBlk` the way a frontend would, through the public API only:
 //! guest memory whose regions sit in a host arena between sentinel pages (so a write that
 //! escapes a region is seen), split virtqueues laid out by hand, file images, and a driver that
 //! kicks a queue and collects completions under a deadline (so a hang fails instead of hanging).
@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blk_proto::DeviceConfig;
-use engine::{Backend, ImageOptions, MergeLimits};
-use vhost_server::{queue_masks, BlkBackend, ServerConfig, Vring};
+use engine::{ImageOptions, MergeLimits, Storage};
+use vhost_server::{queue_masks, ServerConfig, VhostUserBlk, Vring};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{
@@ -306,28 +306,47 @@ pub fn make_image(path: &Path, size: u64) {
     std::fs::write(path, data).expect("write the test image");
 }
 
-/// Opens `path` for the engine; None (after a loud SKIPPED line) when O_DIRECT was asked for
-/// and the filesystem refuses it.
-pub fn open_image(path: &Path, direct: bool) -> Option<Arc<Backend>> {
+/// Opens `path` for the engine; None (after a visible SKIPPED line, or a failure under
+/// CI=true) when O_DIRECT was asked for and the filesystem refuses it.
+pub fn open_image(path: &Path, direct: bool) -> Option<Arc<Storage>> {
     let opts = ImageOptions {
         read_only: false,
         direct,
         create_size: None,
     };
-    match Backend::open(path, &opts) {
+    match Storage::open(path, &opts) {
         Ok(b) => Some(Arc::new(b)),
         Err(e) if direct => {
-            eprintln!("SKIPPED: O_DIRECT image at {}: {e}", path.display());
+            skip(&format!("O_DIRECT image at {}: {e}", path.display()));
             None
         }
         Err(e) => panic!("cannot open the test image: {e}"),
     }
 }
 
+/// True when CI runs us: there, a missing prerequisite is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// A test that cannot run here: fails under CI=true, else says SKIPPED where it is seen.
+pub fn skip(reason: &str) {
+    skip_in(in_ci(), reason);
+}
+
+/// [`skip`] with the CI decision given.
+pub fn skip_in(ci: bool, reason: &str) {
+    assert!(!ci, "CI must provide this test's prerequisite: {reason}");
+    // Straight to stderr: libtest captures eprintln! of passing tests, and a skip must be
+    // seen.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
+}
+
 // ----- the device -----
 
 pub struct Device {
-    pub backend: BlkBackend,
+    pub backend: VhostUserBlk,
     /// One per global queue.
     pub vrings: Vec<Vring>,
     pub layouts: Vec<QueueLayout>,
@@ -359,27 +378,41 @@ impl Device {
     /// A backend over `storage` with one vring per layout, memory table already set.
     pub fn new(
         guest: &Guest,
-        storage: Arc<Backend>,
+        storage: Arc<Storage>,
         iothreads: usize,
         layouts: &[QueueLayout],
         event_idx: bool,
         poll: Duration,
     ) -> Device {
+        Device::with_cache(guest, storage, iothreads, layouts, event_idx, poll, true)
+    }
+
+    /// As [`Device::new`], starting with the write cache on (writeback) or off.
+    pub fn with_cache(
+        guest: &Guest,
+        storage: Arc<Storage>,
+        iothreads: usize,
+        layouts: &[QueueLayout],
+        event_idx: bool,
+        poll: Duration,
+        writeback: bool,
+    ) -> Device {
         let queue_size = layouts.iter().map(|l| l.size).max().expect("one queue");
         let queues = layouts.len();
-        let backend = BlkBackend::new(
+        let backend = VhostUserBlk::new(
             ServerConfig {
                 device: device_config(storage.capacity_bytes(), queues as u16, queue_size),
                 queue_size,
                 iothreads,
                 cpus: vec![],
-                writeback: true,
+                writeback,
                 merge: MergeLimits::default(),
                 poll,
                 submit_batch: 0,
                 ring_setup: engine::RingSetup::Auto,
                 iowq_max_workers: 0,
                 fixed_buffers: true,
+                bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
             },
             storage,
         )
@@ -506,7 +539,7 @@ impl Device {
 }
 
 /// Sum over queues of completed requests (every kind), rejected and malformed chains.
-pub fn answered(backend: &BlkBackend) -> u64 {
+pub fn answered(backend: &VhostUserBlk) -> u64 {
     let stats = backend.stats_json();
     let mut n = 0;
     for q in stats["queues"].as_array().expect("queues") {

@@ -1,0 +1,78 @@
+//! What the control socket and the metrics endpoint see of the running server: one adapter
+//! over the vhost-user device and its storage, answering on their own threads (statistics are
+//! read under each iothread's lock, which the data path releases between batches).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use control::{Command, ControlHandler};
+use engine::Storage;
+use serde_json::{json, Value};
+use vhost_server::VhostUserBlk;
+
+pub struct Operator {
+    pub backend: VhostUserBlk,
+    pub storage: Arc<Storage>,
+    pub image: Option<PathBuf>,
+    pub readonly: bool,
+    pub queues: u16,
+    pub iothreads: usize,
+    pub logical_block_size: u32,
+}
+
+impl Operator {
+    fn info(&self) -> Value {
+        json!({
+            "image": self.image.as_ref().map(|p| p.display().to_string()),
+            "storage": format!("{:?}", self.storage.kind()).to_lowercase(),
+            "capacity_bytes": self.storage.capacity_bytes(),
+            "logical_block_size": self.logical_block_size,
+            "direct": self.storage.is_direct(),
+            "readonly": self.readonly,
+            "write_cache": cache_mode(self.backend.write_cache_enabled()),
+            "queues": self.queues,
+            "iothreads": self.iothreads,
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+    }
+}
+
+fn cache_mode(writeback: bool) -> &'static str {
+    if writeback {
+        "writeback"
+    } else {
+        "writethrough"
+    }
+}
+
+impl ControlHandler for Operator {
+    fn handle(&self, command: &Command) -> Result<Value, String> {
+        match command {
+            Command::Stats => Ok(self.backend.stats_json()),
+            Command::Info => Ok(self.info()),
+            Command::Flush => self
+                .storage
+                .sync()
+                .map(|()| Value::Null)
+                .map_err(|e| format!("flush failed: {e}")),
+            Command::WriteCache => Ok(json!({
+                "mode": cache_mode(self.backend.write_cache_enabled())
+            })),
+        }
+    }
+}
+
+impl metrics::StatsSource for Operator {
+    fn snapshot(&self) -> Vec<metrics::QueueMetrics> {
+        self.backend
+            .queue_stats()
+            .into_iter()
+            .enumerate()
+            .map(|(q, (stats, in_flight))| metrics::QueueMetrics {
+                queue: q as u16,
+                stats,
+                in_flight: u64::from(in_flight),
+            })
+            .collect()
+    }
+}

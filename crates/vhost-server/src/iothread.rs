@@ -1,0 +1,127 @@
+//! One iothread's state, and what it does outside the data path proper: control messages,
+//! the end of a connection, and the submit/reap step every loop ends with.
+
+use std::time::{Duration, Instant};
+
+use engine::Engine;
+
+use crate::control::{ControlMsg, ControlPort};
+use crate::guest_memory::host_regions;
+use crate::ratelimit::{error_limited, RateLimit};
+use crate::GuestMem;
+
+/// How long an iothread waits for its in-flight I/O to finish at a quiesce.
+pub(crate) const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The state one iothread owns. Behind a mutex only so that the control path (memory table
+/// updates, stop, stats) can reach it; on the data path only its own thread takes it.
+pub(crate) struct IoThread {
+    pub(crate) engine: Engine,
+    pub(crate) mem: Option<GuestMem>,
+    /// Snapshots of the mappings that in-flight requests point into (each keeps its mapping
+    /// alive): the current one last, plus older ones until nothing in flight can still use
+    /// them.
+    pub(crate) pinned: Vec<blk_proto::GuestRegions>,
+    /// Local queues left with chains because the request pool was full.
+    pub(crate) throttled: u64,
+    /// Local queues whose avail ring the guest broke (an index more than a queue ahead, or a
+    /// ring outside guest memory): not drained again until the queue is stopped, lest the
+    /// thread spin.
+    pub(crate) broken: u64,
+    pub(crate) malformed_logged: u64,
+    /// The current busy-poll window: doubles while polling finds work, halves while it does
+    /// not (QEMU's adaptive polling, roughly), between POLL_MIN and the configured maximum.
+    pub(crate) poll_window: Duration,
+    /// When the thread last went back to sleep in epoll after polling.
+    pub(crate) slept_at: Option<Instant>,
+    /// Scratch for completions (reused, never shrinks).
+    pub(crate) done: Vec<engine::Completion>,
+    /// Times the thread was woken (events handled).
+    pub(crate) wakeups: u64,
+    /// The connection was quiesced: events still arriving from its teardown are expected.
+    pub(crate) connection_over: bool,
+    /// Why this thread cannot serve its queues in this connection (it asked for the
+    /// connection to end); it still answers control messages.
+    pub(crate) failed: Option<String>,
+    /// Engine errors, logged a few per second.
+    pub(crate) engine_errors: RateLimit,
+}
+
+impl IoThread {
+    pub(crate) fn new(engine: Engine, max_requests: usize) -> IoThread {
+        IoThread {
+            engine,
+            mem: None,
+            pinned: Vec::new(),
+            throttled: 0,
+            broken: 0,
+            poll_window: crate::poll::POLL_MIN,
+            slept_at: None,
+            malformed_logged: 0,
+            done: Vec::with_capacity(max_requests),
+            wakeups: 0,
+            connection_over: false,
+            failed: None,
+            engine_errors: RateLimit::new(),
+        }
+    }
+
+    /// Waits for in-flight I/O (on the ring's owner thread, or where no owner runs any more),
+    /// then drops what the connection left: guest memory, pending completions, queue states.
+    pub(crate) fn forget_connection(&mut self, thread: usize) -> Result<(), String> {
+        let waited = if self.engine.in_flight() > 0 {
+            self.engine.wait_idle(QUIESCE_TIMEOUT).map_err(|e| {
+                log::error!("iothread {thread}: waiting for in-flight I/O failed: {e}");
+                e.to_string()
+            })
+        } else {
+            Ok(())
+        };
+        // The frontend is gone: nobody reads these used-ring entries any more.
+        self.engine.take_completions().for_each(drop);
+        if waited.is_ok() {
+            // Guest memory stays mapped while the kernel may still touch it.
+            self.mem = None;
+            self.pinned.clear();
+            self.engine.set_guest_memory(&[]);
+            self.connection_over = true;
+        }
+        self.throttled = 0;
+        self.broken = 0;
+        // The next connection's thread tries again (its own ring, its own thread).
+        self.failed = None;
+        waited
+    }
+
+    /// Carries out the control messages posted to this thread.
+    pub(crate) fn serve_control(&mut self, port: &ControlPort, thread: usize) {
+        while let Some(msg) = port.next() {
+            match msg {
+                ControlMsg::Quiesce(reply) => {
+                    let _ = reply.send(self.forget_connection(thread));
+                }
+                ControlMsg::SetMemory(mem, reply) => {
+                    // Registered before the reply: the old mappings go away after it.
+                    self.engine.set_guest_memory(&host_regions(&mem));
+                    self.mem = Some(mem);
+                    self.connection_over = false;
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        }
+    }
+
+    /// Submits what was enqueued and reaps what completed. An engine error is survivable
+    /// (the engine fails the requests it touched with IOERR, or keeps them for the next
+    /// try): log it, a few lines a second at most, and go on.
+    pub(crate) fn submit_and_reap(&mut self) {
+        if let Err(e) = self.engine.submit() {
+            error_limited!(self.engine_errors, "submitting I/O failed: {e}");
+        }
+        if self.engine.in_flight() > 0 {
+            if let Err(e) = self.engine.reap() {
+                error_limited!(self.engine_errors, "reaping I/O failed: {e}");
+            }
+        }
+    }
+}
