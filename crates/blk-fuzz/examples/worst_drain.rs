@@ -1,7 +1,7 @@
 //! What one drain costs at worst on a ring the server can be handed: a queue of 1024 whose
 //! every avail entry names a chain through a full indirect table (65535 descriptors, looping,
-//! so the walk runs to its bound: the queue size since blk-proto caps chains there, 65535
-//! before). Prints time per drain.
+//! so the walk runs to its bound: 1024 since blk-proto caps chains there, 65535 before).
+//! Prints time per drain.
 //!
 //!     cargo run --release -p blk-fuzz --example worst_drain
 

@@ -11,7 +11,7 @@
 //! chain is returned with used length 0):
 //! - the chain must end normally: a bad indirect table, a next index outside the table, a loop
 //!   or a chain longer than its table, more than 4 GiB in total, or (walked from the split
-//!   ring) more descriptors than the queue size -> `DescriptorChain`;
+//!   ring) more than 1024 descriptors in a queue no larger -> `DescriptorChain`;
 //! - every device-readable descriptor precedes every device-writable one
 //!   (`ReadableAfterWritable`);
 //! - the 16-byte header `{type, ioprio, sector}` is gathered from the start of the readable
