@@ -1,32 +1,10 @@
-//! The server's drain loop (vhost-server `IoThread::drain`) over a ring whose memory does not
-//! change while it runs, as a pure function: the same avail-index rules (caught up; more than
-//! a queue ahead stops the queue; an unreadable index or entry stops the queue), the same
-//! per-chain walk (`MappedRing::chain` + `parse_walk`), the same backpressure (a full engine
-//! leaves the rest on the ring). vhost-server's own loop cannot be called without its vring,
-//! engine and threads, so this mirrors it line by line; keep the two in step.
+//! The server's drain, as the fuzz targets run it: `blk_proto::drain` itself (the function
+//! vhost-server's iothread runs, with the engine as its sink), here with a sink that keeps
+//! every popped chain for the checks and a room limit standing in for the engine's pool.
 
-use blk_proto::{parse_walk, ChainError, DeviceConfig, MappedRing, ParseError, Request, RingError};
+use blk_proto::{ChainError, DeviceConfig, DrainSink, MappedRing, ParseError, Request};
 
-/// Why a drain ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DrainEnd {
-    /// next_avail reached the guest's avail index.
-    CaughtUp,
-    /// The engine took all it could; the rest stays on the ring.
-    Throttled,
-    /// The server stops the queue until it is reset.
-    Broken(Broken),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Broken {
-    /// The guest's index is more than a queue ahead of next_avail.
-    AheadOfQueue {
-        idx: u16,
-        next_avail: u16,
-    },
-    Ring(RingError),
-}
+pub use blk_proto::{Broken, DrainEnd};
 
 /// One chain the drain popped and what the parser made of it.
 #[derive(Debug)]
@@ -67,41 +45,44 @@ pub fn drain(
     ring: &MappedRing<'_>,
     cfg: &DeviceConfig,
     next_avail: &mut u16,
-    mut room: usize,
-    mut take: impl FnMut() -> Request,
-    mut popped: impl FnMut(Popped),
+    room: usize,
+    take: impl FnMut() -> Request,
+    popped: impl FnMut(Popped),
 ) -> DrainEnd {
-    loop {
-        let avail_idx = match ring.avail_idx() {
-            Ok(idx) if idx == *next_avail => return DrainEnd::CaughtUp,
-            Ok(idx) if idx.wrapping_sub(*next_avail) > ring.size() => {
-                return DrainEnd::Broken(Broken::AheadOfQueue {
-                    idx,
-                    next_avail: *next_avail,
-                })
-            }
-            Ok(idx) => idx,
-            Err(e) => return DrainEnd::Broken(Broken::Ring(e)),
-        };
-        while *next_avail != avail_idx {
-            if room == 0 {
-                return DrainEnd::Throttled;
-            }
-            let head = match ring.head(*next_avail) {
-                Ok(head) => head,
-                Err(e) => return DrainEnd::Broken(Broken::Ring(e)),
-            };
-            *next_avail = next_avail.wrapping_add(1);
-            room -= 1;
-            let mut request = take();
-            let mut walk = ring.chain(head);
-            let result = parse_walk(&mut walk, cfg, &mut request);
-            popped(Popped {
-                head,
-                result,
-                chain_error: walk.error(),
-                request,
-            });
-        }
+    let mut sink = Keep { room, take, popped };
+    blk_proto::drain(ring, cfg, next_avail, &mut sink)
+}
+
+/// The harness's sink: room for `room` more chains, requests from `take`, results to
+/// `popped`.
+struct Keep<T, P> {
+    room: usize,
+    take: T,
+    popped: P,
+}
+
+impl<T: FnMut() -> Request, P: FnMut(Popped)> DrainSink for Keep<T, P> {
+    fn has_room(&mut self) -> bool {
+        self.room > 0
+    }
+
+    fn take(&mut self) -> Request {
+        self.room -= 1;
+        (self.take)()
+    }
+
+    fn popped(
+        &mut self,
+        head: u16,
+        request: Request,
+        result: Result<(), ParseError>,
+        walk_error: Option<ChainError>,
+    ) {
+        (self.popped)(Popped {
+            head,
+            result,
+            chain_error: walk_error,
+            request,
+        });
     }
 }

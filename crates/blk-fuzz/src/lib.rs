@@ -315,7 +315,16 @@ fn check_popped(guest: &GuardedGuest, scenario: &Scenario, p: &Popped) {
                     "misaligned sector"
                 );
                 assert!(req.data_len <= cfg.max_transfer_bytes, "over max transfer");
-                assert!(req.iovecs.len() <= (cfg.seg_max as usize).saturating_add(2));
+                // At most Request::for_config's capacity: two iovecs per guest segment
+                // (seg_max + 2 of them, split at region boundaries), never past IOV_MAX.
+                let max_iovecs = (cfg.seg_max as usize)
+                    .saturating_add(2)
+                    .saturating_mul(2)
+                    .min(blk_proto::request::IOV_MAX);
+                assert!(
+                    req.iovecs.len() <= max_iovecs,
+                    "more iovecs than segments allow"
+                );
                 let end = req.sector.checked_add(u64::from(req.data_len / 512));
                 assert!(
                     end.is_some_and(|e| e <= cfg.capacity_sectors),
