@@ -30,11 +30,12 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
-    let mut args = std::env::args();
-    if std::env::args().nth(1).as_deref() == Some("ctl") {
-        let program = args.next().unwrap_or_else(|| "uringblk".into());
-        args.next();
-        return ctl::run(std::iter::once(format!("{program} ctl")).chain(args));
+    // `uringblk ctl ...` is the control socket's client; anything else runs a server.
+    let args: Vec<String> = std::env::args().collect();
+    if let [program, sub, rest @ ..] = args.as_slice() {
+        if sub == "ctl" {
+            return ctl::run(std::iter::once(format!("{program} ctl")).chain(rest.iter().cloned()));
+        }
     }
     let cli = Cli::parse();
     // The image lock is held until the process ends, across every reconnect.
