@@ -90,5 +90,26 @@ pub struct ServerConfig {
     pub bounce_budget: usize,
 }
 
+impl ServerConfig {
+    /// One unpinned iothread, writeback, no polling, a drained batch submitted whole, and
+    /// every other lever at its default: a base to adjust with struct-update syntax.
+    pub fn new(device: DeviceConfig, queue_size: u16) -> ServerConfig {
+        ServerConfig {
+            device,
+            queue_size,
+            iothreads: 1,
+            cpus: Vec::new(),
+            writeback: true,
+            merge: MergeLimits::default(),
+            poll: Duration::ZERO,
+            submit_batch: 0,
+            ring_setup: RingSetup::Auto,
+            iowq_max_workers: 0,
+            fixed_buffers: true,
+            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

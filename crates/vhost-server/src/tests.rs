@@ -25,18 +25,8 @@ fn device(queues: u16) -> DeviceConfig {
 fn backend(queues: u16, iothreads: usize) -> VhostUserBlk {
     VhostUserBlk::new(
         ServerConfig {
-            device: device(queues),
-            queue_size: QSIZE,
             iothreads,
-            cpus: vec![],
-            writeback: true,
-            merge: MergeLimits::default(),
-            poll: Duration::ZERO,
-            submit_batch: 0,
-            ring_setup: engine::RingSetup::Auto,
-            iowq_max_workers: 0,
-            fixed_buffers: true,
-            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
+            ..ServerConfig::new(device(queues), QSIZE)
         },
         Arc::new(Storage::null(1 << 20)),
     )
@@ -225,18 +215,8 @@ fn config_write_switches_the_write_cache() {
 fn backend_with_cache(writeback: bool) -> VhostUserBlk {
     VhostUserBlk::new(
         ServerConfig {
-            device: device(1),
-            queue_size: QSIZE,
-            iothreads: 1,
-            cpus: vec![],
             writeback,
-            merge: MergeLimits::default(),
-            poll: Duration::ZERO,
-            submit_batch: 0,
-            ring_setup: engine::RingSetup::Auto,
-            iowq_max_workers: 0,
-            fixed_buffers: true,
-            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
+            ..ServerConfig::new(device(1), QSIZE)
         },
         Arc::new(Storage::null(1 << 20)),
     )
@@ -315,18 +295,9 @@ fn bad_thread_and_cpu_counts_are_refused() {
     let mk = |iothreads, cpus: Vec<usize>| {
         VhostUserBlk::new(
             ServerConfig {
-                device: device(2),
-                queue_size: QSIZE,
                 iothreads,
                 cpus,
-                writeback: true,
-                merge: MergeLimits::default(),
-                poll: Duration::ZERO,
-                submit_batch: 0,
-                ring_setup: engine::RingSetup::Auto,
-                iowq_max_workers: 0,
-                fixed_buffers: true,
-                bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
+                ..ServerConfig::new(device(2), QSIZE)
             },
             Arc::new(Storage::null(1 << 20)),
         )
@@ -345,20 +316,7 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
     let mut dev = device(1);
     dev.read_only = true;
     let b = VhostUserBlk::new(
-        ServerConfig {
-            device: dev,
-            queue_size: QSIZE,
-            iothreads: 1,
-            cpus: vec![],
-            writeback: true,
-            merge: MergeLimits::default(),
-            poll: Duration::ZERO,
-            submit_batch: 0,
-            ring_setup: engine::RingSetup::Auto,
-            iowq_max_workers: 0,
-            fixed_buffers: true,
-            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
-        },
+        ServerConfig::new(dev, QSIZE),
         Arc::new(Storage::null(1 << 20)),
     )
     .unwrap();

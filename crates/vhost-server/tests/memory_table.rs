@@ -14,7 +14,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use blk_proto::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
-use engine::MergeLimits;
 use support::*;
 use vhost_server::{ServerConfig, VhostUserBlk, Vring};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -103,19 +102,9 @@ fn a_memory_table_update_with_reads_in_flight_keeps_their_buffers_mapped() {
     let storage = open_image(&path, false).expect("buffered image");
     let backend = VhostUserBlk::new(
         ServerConfig {
-            device: device_config(IMAGE_SIZE, 1, QSIZE),
-            queue_size: QSIZE,
-            iothreads: 1,
-            cpus: vec![],
-            writeback: true,
-            merge: MergeLimits::default(),
-            poll: Duration::ZERO,
-            submit_batch: 0,
-            ring_setup: engine::RingSetup::Auto,
-            iowq_max_workers: 0,
             // The kernel must go through the user addresses, not pages registered up front.
             fixed_buffers: false,
-            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
+            ..ServerConfig::new(device_config(IMAGE_SIZE, 1, QSIZE), QSIZE)
         },
         storage,
     )

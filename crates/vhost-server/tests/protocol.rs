@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blk_proto::{DeviceConfig, WCE_OFFSET};
-use engine::{MergeLimits, Storage};
+use engine::Storage;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::VhostBackend;
@@ -27,18 +27,9 @@ fn server(writeback: bool) -> (VhostUserBlk, PathBuf, tempfile::TempDir) {
     let socket = dir.path().join("blk.sock");
     let backend = VhostUserBlk::new(
         ServerConfig {
-            device: DeviceConfig::new(1 << 20, 512, QUEUES, 64),
-            queue_size: 64,
-            iothreads: 1,
-            cpus: vec![],
             writeback,
-            merge: MergeLimits::default(),
-            poll: Duration::ZERO,
-            submit_batch: 0,
-            ring_setup: engine::RingSetup::Auto,
-            iowq_max_workers: 0,
             fixed_buffers: false,
-            bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
+            ..ServerConfig::new(DeviceConfig::new(1 << 20, 512, QUEUES, 64), 64)
         },
         Arc::new(Storage::null(1 << 20)),
     )

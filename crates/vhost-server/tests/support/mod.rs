@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blk_proto::DeviceConfig;
-use engine::{ImageOptions, MergeLimits, Storage};
+use engine::{ImageOptions, Storage};
 use vhost_server::{queue_masks, ServerConfig, VhostUserBlk, Vring};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -401,18 +401,13 @@ impl Device {
         let queues = layouts.len();
         let backend = VhostUserBlk::new(
             ServerConfig {
-                device: device_config(storage.capacity_bytes(), queues as u16, queue_size),
-                queue_size,
                 iothreads,
-                cpus: vec![],
                 writeback,
-                merge: MergeLimits::default(),
                 poll,
-                submit_batch: 0,
-                ring_setup: engine::RingSetup::Auto,
-                iowq_max_workers: 0,
-                fixed_buffers: true,
-                bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
+                ..ServerConfig::new(
+                    device_config(storage.capacity_bytes(), queues as u16, queue_size),
+                    queue_size,
+                )
             },
             storage,
         )
