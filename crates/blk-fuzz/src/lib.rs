@@ -479,11 +479,13 @@ fn compare_with_virtio_queue(
             &p.result, result,
             "parse_walk and parse disagree on head {head}"
         );
-        same_request(&p.request, req);
+        assert_same_request(&p.request, req);
     }
 }
 
-fn same_request(a: &Request, b: &Request) {
+/// Panics unless the two requests are the same, field by field (iovecs by address and
+/// length): what parse and parse_walk must agree on.
+pub fn assert_same_request(a: &Request, b: &Request) {
     assert_eq!(a.kind, b.kind, "kind");
     assert_eq!(a.sector, b.sector, "sector");
     let iovecs = |r: &Request| -> Vec<(usize, usize)> {

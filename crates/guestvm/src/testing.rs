@@ -26,6 +26,18 @@ pub fn tool_or_skip(test_name: &str, tool: &str, install_hint: &str) -> bool {
     false
 }
 
+/// The value of the sample whose line starts with `series` (name and labels, as printed) in
+/// a Prometheus text exposition; panics, showing the exposition, when there is none.
+pub fn prometheus_sample(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .unwrap_or_else(|| panic!("no sample {series:?} in:\n{exposition}"))
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
 /// Runs `promtool check metrics` on a Prometheus exposition: Err with promtool's complaints
 /// (and the exposition) when it refuses it.
 pub fn promtool_check(exposition: &str) -> Result<(), String> {

@@ -6,6 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 
 use engine::{QueueStats, StatKind};
+use guestvm::testing::prometheus_sample as sample;
 use metrics::{MetricsError, MetricsServer, QueueMetrics, StatsSource};
 
 struct Fixed(Mutex<Vec<QueueMetrics>>);
@@ -55,15 +56,6 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
-}
-
-fn sample(body: &str, line_start: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(line_start))
-        .unwrap_or_else(|| panic!("no sample {line_start:?} in:\n{body}"))
-        .trim()
-        .parse()
-        .expect("a number")
 }
 
 fn start() -> MetricsServer {

@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 
 use blkio_support::{read_vec, write_slice, Client, ClientOptions};
 use common::ServerProcess;
+use guestvm::testing::prometheus_sample as sample;
 use serde_json::Value;
 
 fn ctl(args: &[&str]) -> Output {
@@ -49,15 +50,6 @@ fn scrape(port: u16) -> String {
     raw.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default()
-}
-
-fn sample(body: &str, line_start: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(line_start))
-        .unwrap_or_else(|| panic!("no sample {line_start:?} in:\n{body}"))
-        .trim()
-        .parse()
-        .expect("a number")
 }
 
 #[test]

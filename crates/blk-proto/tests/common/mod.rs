@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+pub use blk_fuzz::assert_same_request;
+
 use blk_proto::{
     parse, parse_walk, ChainError, DeviceConfig, GuestRegions, ParseError, Request, RequestHeader,
     SplitRing,
@@ -180,22 +182,6 @@ pub fn parse_walked_why(
     let mut walk = ring.chain(head);
     let result = parse_walk(&mut walk, cfg, out);
     (result, walk.error())
-}
-
-pub fn assert_same_request(a: &Request, b: &Request) {
-    assert_eq!(a.kind, b.kind, "kind");
-    assert_eq!(a.sector, b.sector, "sector");
-    let iovecs = |r: &Request| -> Vec<(usize, usize)> {
-        r.iovecs
-            .iter()
-            .map(|v| (v.iov_base as usize, v.iov_len))
-            .collect()
-    };
-    assert_eq!(iovecs(a), iovecs(b), "iovecs");
-    assert_eq!(a.data_len, b.data_len, "data_len");
-    assert_eq!(a.ranges, b.ranges, "ranges");
-    assert_eq!(a.status, b.status, "status");
-    assert_eq!(a.used_len, b.used_len, "used_len");
 }
 
 /// Writes `descs` as a properly linked indirect table at `table_addr` and returns the
