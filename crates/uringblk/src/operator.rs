@@ -33,8 +33,50 @@ impl Operator {
             "queues": self.queues,
             "iothreads": self.iothreads,
             "version": env!("CARGO_PKG_VERSION"),
+            "frontend": frontend_json(&self.backend.frontend_info()),
         })
     }
+}
+
+fn frontend_json(f: &vhost_server::FrontendInfo) -> Value {
+    let since = f
+        .connected_since
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    json!({
+        "connected": f.connected_since.is_some(),
+        "connected_since_unix": since,
+        "connections": f.connections,
+        "acked_features": f.acked_features.map(|v| format!("{v:#x}")),
+        "acked": f.acked_features.map(feature_names),
+    })
+}
+
+/// The names of the virtio feature bits set in `features` that a block device negotiates.
+fn feature_names(features: u64) -> Vec<&'static str> {
+    use virtio_bindings::virtio_blk as blk;
+    use virtio_bindings::virtio_config as cfg;
+    use virtio_bindings::virtio_ring as ring;
+    let known = [
+        (blk::VIRTIO_BLK_F_SIZE_MAX, "SIZE_MAX"),
+        (blk::VIRTIO_BLK_F_SEG_MAX, "SEG_MAX"),
+        (blk::VIRTIO_BLK_F_RO, "RO"),
+        (blk::VIRTIO_BLK_F_BLK_SIZE, "BLK_SIZE"),
+        (blk::VIRTIO_BLK_F_FLUSH, "FLUSH"),
+        (blk::VIRTIO_BLK_F_TOPOLOGY, "TOPOLOGY"),
+        (blk::VIRTIO_BLK_F_CONFIG_WCE, "CONFIG_WCE"),
+        (blk::VIRTIO_BLK_F_MQ, "MQ"),
+        (blk::VIRTIO_BLK_F_DISCARD, "DISCARD"),
+        (blk::VIRTIO_BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
+        (ring::VIRTIO_RING_F_INDIRECT_DESC, "RING_INDIRECT_DESC"),
+        (ring::VIRTIO_RING_F_EVENT_IDX, "RING_EVENT_IDX"),
+        (cfg::VIRTIO_F_VERSION_1, "VERSION_1"),
+    ];
+    known
+        .iter()
+        .filter(|(bit, _)| features & (1u64 << bit) != 0)
+        .map(|&(_, name)| name)
+        .collect()
 }
 
 fn cache_mode(writeback: bool) -> &'static str {

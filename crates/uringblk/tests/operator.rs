@@ -78,6 +78,9 @@ fn ctl_and_metrics_see_the_live_server() {
     assert!(info["image"].as_str().unwrap().ends_with("disk.img"));
     assert_eq!(ctl_json(control, "write-cache")["mode"], "writeback");
 
+    assert_eq!(info["frontend"]["connected"], false);
+    assert_eq!(info["frontend"]["connections"], 0);
+
     let before = ctl_json(control, "stats");
     assert_eq!(before["queues"][0]["write"]["ops"], 0);
 
@@ -96,6 +99,21 @@ fn ctl_and_metrics_see_the_live_server() {
         }
         assert_eq!(read_vec(q, buf, 4096, 4096), vec![2; 4096]);
     }
+    let info = ctl_json(control, "info");
+    assert_eq!(info["frontend"]["connected"], true, "{info}");
+    assert_eq!(info["frontend"]["connections"], 1);
+    assert!(info["frontend"]["connected_since_unix"].as_u64().is_some());
+    let acked: Vec<&str> = info["frontend"]["acked"]
+        .as_array()
+        .expect("the driver's features")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        acked.contains(&"MQ") && acked.contains(&"FLUSH"),
+        "{acked:?}"
+    );
+
     let live = ctl_json(control, "stats");
     assert_eq!(live["queues"][0]["write"]["ops"], 3);
     assert_eq!(live["queues"][0]["write"]["bytes"], 3 * 4096);

@@ -39,6 +39,8 @@ pub(crate) struct Inner {
     pub(crate) live: Mutex<bool>,
     /// Ends the current connection (an iothread that cannot go on asks for it).
     pub(crate) connection: Mutex<Option<ShutdownHandle>>,
+    /// The frontend as the operator sees it (control socket `info`).
+    pub(crate) frontend: crate::frontend::Frontend,
 }
 
 /// An iothread that could not finish its in-flight I/O when a connection ended: that I/O may
@@ -141,6 +143,7 @@ impl VhostUserBlk {
             ports,
             live: Mutex::new(false),
             connection: Mutex::new(None),
+            frontend: Default::default(),
         })))
     }
 
@@ -193,6 +196,7 @@ impl VhostUserBlk {
         // Nothing the gone driver wrote outlives it.
         self.0.cache.reset();
         *self.0.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.0.frontend.disconnected();
         for port in &self.0.ports {
             port.discard_stale();
         }
@@ -262,6 +266,12 @@ impl VhostUserBlk {
     /// The connection the daemon just accepted: an iothread that cannot go on ends it.
     pub fn connection_started(&self, handle: Option<ShutdownHandle>) {
         *self.0.connection.lock().unwrap_or_else(|p| p.into_inner()) = handle;
+        self.0.frontend.connected();
+    }
+
+    /// The current frontend: connected since when, how many so far, what its driver acked.
+    pub fn frontend_info(&self) -> crate::FrontendInfo {
+        self.0.frontend.info()
     }
 
     /// Something this connection cannot survive: said loudly, and the connection ends (the

@@ -22,6 +22,7 @@ mod control;
 mod deliver;
 mod device;
 mod drain;
+mod frontend;
 mod guest_memory;
 mod iothread;
 mod placement;
@@ -39,6 +40,7 @@ use vhost_user_backend::VringMutex;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use device::{QuiesceError, VhostUserBlk};
+pub use frontend::FrontendInfo;
 pub use placement::queue_masks;
 pub use serve::{serve, ServeError};
 

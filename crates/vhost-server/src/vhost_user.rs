@@ -51,6 +51,7 @@ impl VhostUserBackend for VhostUserBlk {
 
     fn acked_features(&self, features: u64) {
         self.0.cache.features_acked(features);
+        self.0.frontend.features_acked(features);
     }
 
     fn reset_device(&self) {
