@@ -37,6 +37,14 @@ if ((${#missing[@]})); then
         "${missing[@]}" >&2 || die "apt-get install ${missing[*]} failed"
 fi
 
+# Installing Debian's qemu-system-x86 can remove a newer qemu-utils (from backports) that was
+# there before: look again once the first install is done.
+if ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null; then
+    log "installing qemu-utils (removed or missing after the first install)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        qemu-utils >&2 || die "apt-get install qemu-utils failed"
+fi
+
 for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img qemu-io fio blkdiscard losetup promtool; do
     command -v "$tool" >/dev/null || die "$tool is still missing after the install"
 done
