@@ -96,6 +96,23 @@ fn publish_read(m: &GuestMemoryMmap<()>, k: u16) {
 
 #[test]
 fn a_memory_table_update_with_reads_in_flight_keeps_their_buffers_mapped() {
+    // Whether the reads are still in flight when the table changes is up to the disk (a host
+    // cache can serve them at once): run the scenario again until it is, a few times at most.
+    const ATTEMPTS: usize = 5;
+    for attempt in 1..=ATTEMPTS {
+        let in_flight_at_update = update_the_table_under_reads();
+        if in_flight_at_update > 0 {
+            eprintln!("attempt {attempt}: {in_flight_at_update} reads in flight at the update");
+            return;
+        }
+        eprintln!("attempt {attempt}: the reads completed before the memory table changed");
+    }
+    panic!("in {ATTEMPTS} attempts the reads always completed before the memory table changed: the test proved nothing");
+}
+
+/// One run: every chain must be answered with the image's data whatever the timing; returns
+/// how many reads were still in flight when the table changed.
+fn update_the_table_under_reads() -> u64 {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
     let path = dir.path().join("cold.img");
     cold_image(&path);
@@ -158,10 +175,6 @@ fn a_memory_table_update_with_reads_in_flight_keeps_their_buffers_mapped() {
     let in_flight_at_update = rx
         .recv_timeout(Duration::from_secs(40))
         .expect("the iothread finished");
-    assert!(
-        in_flight_at_update > 0,
-        "the reads completed before the memory table changed: the test proved nothing"
-    );
     let m = mem.memory();
     assert_eq!(RING.used_idx(&m), 2 * BATCH, "every chain answered");
     for k in 0..2 * BATCH {
@@ -180,4 +193,5 @@ fn a_memory_table_update_with_reads_in_flight_keeps_their_buffers_mapped() {
             );
         }
     }
+    in_flight_at_update
 }
