@@ -5,13 +5,15 @@
 # Usage: scripts/run-vm.sh --socket SOCK [--job FIO_JOB_FILE] [--fio-args "ARGS"]
 #          [--pre NAME=SHELL]... [--cmd NAME=SHELL]... [--queues N] [--vcpus N] [--mem 512M]
 #          [--timeout SECONDS] [--accel auto|tcg|kvm] [--guest-dir DIR] [--console-log FILE]
-#          [--reboots N] [--reboot-fio-args "ARGS"] [--no-build]
+#          [--reboots N] [--reboot-fio-args "ARGS"] [--reconnect SECONDS] [--no-build]
 #   --job     fio job file run in the guest (the disk is /dev/vda) with --output-format=json
 #   --pre     shell snippet run in the guest before fio; --cmd: after fio (both repeatable,
 #             run in the order given, each reported with its output and exit code)
 #   --reboots the guest reboots N times (a machine reset: the vhost-user connection stays and
 #             the device is reset and set up again), running everything again on each boot,
 #             with --reboot-fio-args instead of --fio-args after the first boot
+#   --reconnect QEMU reconnects to the socket this many seconds after the server went away
+#             (chardev reconnect=): the guest survives a server restart
 #   --accel   auto: KVM only where a short probe boot showed a stock guest runs under it
 #             (cached in the guest dir), else TCG
 #
@@ -26,13 +28,13 @@ script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_root=$(cd "$script_dir/.." && pwd)
 
 socket='' job='' fio_args='' queues=1 vcpus=1 mem=512M timeout_s=300 accel=auto
-guest_dir=$repo_root/build/guest console_log='' build=1 reboots=0 reboot_fio_args=''
+guest_dir=$repo_root/build/guest console_log='' build=1 reboots=0 reboot_fio_args='' reconnect=0
 pre_cmds=() post_cmds=()
 
 log() { echo "run-vm: $*" >&2; }
 usage() {
     echo "run-vm: $*" >&2
-    echo "usage: run-vm.sh --socket SOCK [--job FILE] [--fio-args ARGS] [--pre NAME=SH]... [--cmd NAME=SH]... [--queues N] [--vcpus N] [--mem SIZE] [--timeout S] [--accel auto|tcg|kvm] [--guest-dir DIR] [--console-log FILE] [--reboots N] [--reboot-fio-args ARGS] [--no-build]" >&2
+    echo "usage: run-vm.sh --socket SOCK [--job FILE] [--fio-args ARGS] [--pre NAME=SH]... [--cmd NAME=SH]... [--queues N] [--vcpus N] [--mem SIZE] [--timeout S] [--accel auto|tcg|kvm] [--guest-dir DIR] [--console-log FILE] [--reboots N] [--reboot-fio-args ARGS] [--reconnect S] [--no-build]" >&2
     exit 2
 }
 need_value() { [[ $# -ge 2 ]] || usage "$1 needs a value"; }
@@ -53,6 +55,7 @@ while [[ $# -gt 0 ]]; do
     --console-log) need_value "$@"; console_log=$2; shift 2 ;;
     --reboots) need_value "$@"; reboots=$2; shift 2 ;;
     --reboot-fio-args) need_value "$@"; reboot_fio_args=$2; shift 2 ;;
+    --reconnect) need_value "$@"; reconnect=$2; shift 2 ;;
     --no-build) build=0; shift ;;
     -h | --help) usage "help" ;;
     *) usage "unknown argument $1" ;;
@@ -66,6 +69,7 @@ done
 [[ $queues =~ ^[1-9][0-9]*$ ]] || usage "--queues must be a positive integer"
 [[ $vcpus =~ ^[1-9][0-9]*$ ]] || usage "--vcpus must be a positive integer"
 [[ $reboots =~ ^[0-9]$ ]] || usage "--reboots must be 0 to 9"
+[[ $reconnect =~ ^[0-9]+$ ]] || usage "--reconnect must be a number of seconds"
 [[ $timeout_s =~ ^[1-9][0-9]*$ ]] || usage "--timeout must be a positive number of seconds"
 [[ $mem =~ ^[1-9][0-9]*[MG]$ ]] || usage "--mem must look like 512M or 1G"
 case $accel in auto | tcg | kvm) ;; *) usage "--accel must be auto, tcg or kvm" ;; esac
@@ -186,12 +190,14 @@ console_file=${console_log:-$work/console.log}
 results_file=$work/results.log
 : >"$console_file"
 : >"$results_file"
+blk_chardev="socket,id=blk,path=$socket"
+if ((reconnect)); then blk_chardev+=",reconnect=$reconnect"; fi
 log "booting ($accel, $vcpus vCPUs, $queues queues, $mem) on $socket"
 # shellcheck disable=SC2046 # see base_args
 boot "$timeout_s" $(base_args "$console_file" "$results_file") -initrd "$work/initrd.cpio" \
     -machine q35,memory-backend=mem -m "$mem" -smp "$vcpus" "${accel_args[@]}" \
     -object "memory-backend-memfd,id=mem,size=$mem,share=on" \
-    -chardev "socket,id=blk,path=$socket" \
+    -chardev "$blk_chardev" \
     -device "vhost-user-blk-pci,chardev=blk,num-queues=$queues" \
     -append "console=ttyS0 panic=-1 quiet"
 

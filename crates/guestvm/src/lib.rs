@@ -174,6 +174,9 @@ pub struct VmConfig {
     pub reboots: u32,
     /// fio arguments for the boots after the first (default: `fio_args`).
     pub reboot_fio_args: Vec<String>,
+    /// Seconds after which QEMU reconnects to a server that went away (0: never, and the
+    /// run fails when the server goes).
+    pub reconnect_s: u32,
 }
 
 impl VmConfig {
@@ -192,6 +195,7 @@ impl VmConfig {
             accel: AccelChoice::Auto,
             reboots: 0,
             reboot_fio_args: Vec::new(),
+            reconnect_s: 0,
         }
     }
 
@@ -252,6 +256,13 @@ impl VmConfig {
     pub fn reboots(mut self, reboots: u32, fio_args: &[&str]) -> Self {
         self.reboots = reboots;
         self.reboot_fio_args = fio_args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// QEMU reconnects `seconds` after the server went away, so the guest outlives a server
+    /// restart.
+    pub fn reconnect(mut self, seconds: u32) -> Self {
+        self.reconnect_s = seconds;
         self
     }
 
@@ -451,6 +462,11 @@ pub fn build_guest(guest_dir: &Path) -> Result<(), Error> {
 /// Boots the guest once and returns what it reported. The guest must already be built
 /// ([`build_guest`]). Prints the accelerator and timing of every run on stderr.
 pub fn run(config: &VmConfig) -> Result<GuestRun, Error> {
+    start(config)?.wait()
+}
+
+/// Starts the guest in the background: [`RunningVm::wait`] for what it reported.
+pub fn start(config: &VmConfig) -> Result<RunningVm, Error> {
     config.validate()?;
     let work = tempfile::Builder::new()
         .prefix("guestvm-")
@@ -475,7 +491,8 @@ pub fn run(config: &VmConfig) -> Result<GuestRun, Error> {
         .args(["--mem", &format!("{}M", config.mem_mib)])
         .args(["--timeout", &config.timeout.as_secs().max(1).to_string()])
         .args(["--accel", config.accel.as_arg()])
-        .args(["--reboots", &config.reboots.to_string()]);
+        .args(["--reboots", &config.reboots.to_string()])
+        .args(["--reconnect", &config.reconnect_s.to_string()]);
     if let Some(job) = &config.fio_job {
         let job_path = work.path().join("job.fio");
         fs::write(&job_path, job).map_err(io_error("cannot write the fio job"))?;
@@ -501,161 +518,207 @@ pub fn run(config: &VmConfig) -> Result<GuestRun, Error> {
         .stderr(stderr)
         // Own process group, so a deadline kill takes QEMU down with the script.
         .process_group(0);
-    let mut child = command
+    let child = command
         .spawn()
         .map_err(io_error("cannot run scripts/run-vm.sh"))?;
+    Ok(RunningVm {
+        config: config.clone(),
+        child: Some(child),
+        work,
+        started: Instant::now(),
+    })
+}
 
-    let deadline = config.timeout + SCRIPT_GRACE;
-    let start = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if start.elapsed() > deadline => {
-                kill_process_group(child.id());
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => {
-                kill_process_group(child.id());
-                let _ = child.wait();
-                return Err(io_error("cannot wait for run-vm.sh")(e));
-            }
-        }
-    };
+/// A VM started by [`start`]. Dropping it before it finished kills it (QEMU included).
+pub struct RunningVm {
+    config: VmConfig,
+    child: Option<std::process::Child>,
+    work: tempfile::TempDir,
+    started: Instant,
+}
 
-    let stdout = fs::read_to_string(&stdout_path).unwrap_or_default();
-    let diagnostics = fs::read_to_string(&stderr_path).unwrap_or_default();
-    let console = fs::read_to_string(&console_path).unwrap_or_default();
-    let Some(status) = status else {
-        return Err(Error::VmFailed {
-            kind: FailureKind::Timeout,
-            accel: "unknown".into(),
-            reason: format!("run-vm.sh did not exit within {deadline:?}; killed"),
-            diagnostics: format!("{diagnostics}\nconsole:\n{}", tail(&console, 40)),
-            partial: None,
-        });
-    };
-    // Exit 2: the script rejected its arguments; no summary was printed.
-    if !stdout.contains("\nstatus=") && !stdout.starts_with("status=") {
-        return Err(Error::Script {
-            status,
-            log: diagnostics,
-        });
+impl RunningVm {
+    /// Whether the VM (run-vm.sh) has exited.
+    pub fn is_finished(&mut self) -> bool {
+        !matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
-    let report = report::parse(&stdout).map_err(|source| Error::Parse {
-        source,
-        diagnostics: diagnostics.clone(),
-    })?;
-    let accel = report.summary.accel.clone();
-    let elapsed = Duration::from_secs_f64(report.summary.elapsed_seconds.unwrap_or(0.0).max(0.0));
-    eprintln!(
-        "guestvm: accel={accel} vcpus={} queues={} elapsed={:.1}s status={}",
-        config.vcpus,
-        config.queues,
-        elapsed.as_secs_f64(),
-        report.summary.status
-    );
 
-    let mut boots = report.boots.iter().map(|b| Boot {
-        facts: b.facts.clone(),
-        fio: b.fio.as_ref().and_then(|f| f.json.clone()),
-        fio_log: b.fio_log.clone().unwrap_or_default(),
-        commands: b.commands.clone(),
-    });
-    let run = GuestRun {
-        accel: Accel(accel.clone()),
-        elapsed,
-        first_boot: boots.next().unwrap_or_default(),
-        reboots: boots.collect(),
-        console,
-    };
-    let fail = |kind: FailureKind, reason: String| {
-        Err(Error::VmFailed {
-            kind,
-            accel: accel.clone(),
-            reason,
-            diagnostics: diagnostics.clone(),
-            partial: Some(Box::new(run.clone())),
-        })
-    };
-    let kind = match report.summary.status.as_str() {
-        "ok" => None,
-        "timeout" => Some(FailureKind::Timeout),
-        "panic" => Some(FailureKind::KernelPanic),
-        "qemu" => Some(FailureKind::Qemu),
-        "guest-error" => Some(FailureKind::GuestError),
-        "fio" => Some(FailureKind::Fio),
-        _ => Some(FailureKind::MissingOutput),
-    };
-    if let Some(kind) = kind {
-        return fail(kind, report.summary.reason.clone());
-    }
-    if !status.success() {
-        return fail(
-            FailureKind::MissingOutput,
-            format!("run-vm.sh said ok but exited with {status}"),
-        );
-    }
-    // The script checked the markers; check what only the parsed report shows.
-    if !report.done {
-        return fail(FailureKind::MissingOutput, "no DONE marker".into());
-    }
-    let expected_boots = config.reboots as usize + 1;
-    if report.boots.len() != expected_boots {
-        return fail(
-            FailureKind::MissingOutput,
-            format!("{} of {expected_boots} boots reported", report.boots.len()),
-        );
-    }
-    let expected_commands = config.pre.len() + config.post.len();
-    for (i, boot) in report.boots.iter().enumerate() {
-        if !boot.facts_seen {
-            return fail(
-                FailureKind::MissingOutput,
-                format!("boot {i}: no facts section"),
-            );
-        }
-        if boot.commands.len() != expected_commands {
-            return fail(
-                FailureKind::MissingOutput,
-                format!(
-                    "boot {i}: {} of {expected_commands} commands reported",
-                    boot.commands.len()
-                ),
-            );
-        }
-        if config.fio_job.is_none() {
-            continue;
-        }
-        let log = boot.fio_log.as_deref().unwrap_or_default();
-        match &boot.fio {
-            Some(report::FioOutput {
-                exit_code: 0,
-                json: Some(json),
-                ..
-            }) => {
-                let errors = fio_job_errors(json);
-                if !errors.is_empty() || fio_job_count(json) == 0 {
-                    return fail(
-                        FailureKind::Fio,
-                        format!("boot {i}: fio jobs failed: {errors:?}\n{log}"),
-                    );
+    /// Waits for the run to end (killing it at its deadline) and returns what the guest
+    /// reported.
+    pub fn wait(mut self) -> Result<GuestRun, Error> {
+        let config = &self.config;
+        let console_path = self.work.path().join("console.log");
+        let stdout_path = self.work.path().join("stdout");
+        let stderr_path = self.work.path().join("stderr");
+        let Some(mut child) = self.child.take() else {
+            return Err(io_error("run-vm.sh")(std::io::Error::other(
+                "already waited for",
+            )));
+        };
+        let deadline = config.timeout + SCRIPT_GRACE;
+        let start = self.started;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if start.elapsed() > deadline => {
+                    kill_process_group(child.id());
+                    let _ = child.wait();
+                    break None;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    kill_process_group(child.id());
+                    let _ = child.wait();
+                    return Err(io_error("cannot wait for run-vm.sh")(e));
                 }
             }
-            other => {
+        };
+
+        let stdout = fs::read_to_string(&stdout_path).unwrap_or_default();
+        let diagnostics = fs::read_to_string(&stderr_path).unwrap_or_default();
+        let console = fs::read_to_string(&console_path).unwrap_or_default();
+        let Some(status) = status else {
+            return Err(Error::VmFailed {
+                kind: FailureKind::Timeout,
+                accel: "unknown".into(),
+                reason: format!("run-vm.sh did not exit within {deadline:?}; killed"),
+                diagnostics: format!("{diagnostics}\nconsole:\n{}", tail(&console, 40)),
+                partial: None,
+            });
+        };
+        // Exit 2: the script rejected its arguments; no summary was printed.
+        if !stdout.contains("\nstatus=") && !stdout.starts_with("status=") {
+            return Err(Error::Script {
+                status,
+                log: diagnostics,
+            });
+        }
+        let report = report::parse(&stdout).map_err(|source| Error::Parse {
+            source,
+            diagnostics: diagnostics.clone(),
+        })?;
+        let accel = report.summary.accel.clone();
+        let elapsed =
+            Duration::from_secs_f64(report.summary.elapsed_seconds.unwrap_or(0.0).max(0.0));
+        eprintln!(
+            "guestvm: accel={accel} vcpus={} queues={} elapsed={:.1}s status={}",
+            config.vcpus,
+            config.queues,
+            elapsed.as_secs_f64(),
+            report.summary.status
+        );
+
+        let mut boots = report.boots.iter().map(|b| Boot {
+            facts: b.facts.clone(),
+            fio: b.fio.as_ref().and_then(|f| f.json.clone()),
+            fio_log: b.fio_log.clone().unwrap_or_default(),
+            commands: b.commands.clone(),
+        });
+        let run = GuestRun {
+            accel: Accel(accel.clone()),
+            elapsed,
+            first_boot: boots.next().unwrap_or_default(),
+            reboots: boots.collect(),
+            console,
+        };
+        let fail = |kind: FailureKind, reason: String| {
+            Err(Error::VmFailed {
+                kind,
+                accel: accel.clone(),
+                reason,
+                diagnostics: diagnostics.clone(),
+                partial: Some(Box::new(run.clone())),
+            })
+        };
+        let kind = match report.summary.status.as_str() {
+            "ok" => None,
+            "timeout" => Some(FailureKind::Timeout),
+            "panic" => Some(FailureKind::KernelPanic),
+            "qemu" => Some(FailureKind::Qemu),
+            "guest-error" => Some(FailureKind::GuestError),
+            "fio" => Some(FailureKind::Fio),
+            _ => Some(FailureKind::MissingOutput),
+        };
+        if let Some(kind) = kind {
+            return fail(kind, report.summary.reason.clone());
+        }
+        if !status.success() {
+            return fail(
+                FailureKind::MissingOutput,
+                format!("run-vm.sh said ok but exited with {status}"),
+            );
+        }
+        // The script checked the markers; check what only the parsed report shows.
+        if !report.done {
+            return fail(FailureKind::MissingOutput, "no DONE marker".into());
+        }
+        let expected_boots = config.reboots as usize + 1;
+        if report.boots.len() != expected_boots {
+            return fail(
+                FailureKind::MissingOutput,
+                format!("{} of {expected_boots} boots reported", report.boots.len()),
+            );
+        }
+        let expected_commands = config.pre.len() + config.post.len();
+        for (i, boot) in report.boots.iter().enumerate() {
+            if !boot.facts_seen {
                 return fail(
-                    FailureKind::Fio,
+                    FailureKind::MissingOutput,
+                    format!("boot {i}: no facts section"),
+                );
+            }
+            if boot.commands.len() != expected_commands {
+                return fail(
+                    FailureKind::MissingOutput,
                     format!(
-                        "boot {i}: fio exit code {:?}, JSON present: {}\n{log}",
-                        other.as_ref().map(|f| f.exit_code),
-                        other.as_ref().is_some_and(|f| f.json.is_some())
+                        "boot {i}: {} of {expected_commands} commands reported",
+                        boot.commands.len()
                     ),
                 );
             }
+            if config.fio_job.is_none() {
+                continue;
+            }
+            let log = boot.fio_log.as_deref().unwrap_or_default();
+            match &boot.fio {
+                Some(report::FioOutput {
+                    exit_code: 0,
+                    json: Some(json),
+                    ..
+                }) => {
+                    let errors = fio_job_errors(json);
+                    if !errors.is_empty() || fio_job_count(json) == 0 {
+                        return fail(
+                            FailureKind::Fio,
+                            format!("boot {i}: fio jobs failed: {errors:?}\n{log}"),
+                        );
+                    }
+                }
+                other => {
+                    return fail(
+                        FailureKind::Fio,
+                        format!(
+                            "boot {i}: fio exit code {:?}, JSON present: {}\n{log}",
+                            other.as_ref().map(|f| f.exit_code),
+                            other.as_ref().is_some_and(|f| f.json.is_some())
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(run)
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                kill_process_group(child.id());
+                let _ = child.wait();
+            }
         }
     }
-    Ok(run)
 }
 
 fn kill_process_group(pid: u32) {

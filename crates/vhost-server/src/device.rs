@@ -314,9 +314,10 @@ impl VhostUserBlk {
         let queues: Vec<_> = per_queue
             .iter()
             .enumerate()
-            .map(|(q, (s, _))| {
+            .map(|(q, (s, in_flight))| {
                 let mut v = s.to_json();
                 v["queue"] = q.into();
+                v["in_flight"] = (*in_flight).into();
                 v["iothread"] = self.0.placement[q].0.into();
                 v
             })

@@ -25,40 +25,13 @@ impl ServerProcess {
         let socket = dir.path().join("blk.sock");
         let dir_str = dir.path().to_str().expect("utf-8 tempdir").to_string();
         let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", &dir_str)).collect();
-        let child = Command::new(env!("CARGO_BIN_EXE_uringblk"))
-            .arg("--socket")
-            .arg(&socket)
-            .args(&args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            // Statistics JSON arrives on stdout; logs stay on stderr for the test output.
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn uringblk");
-        let mut server = ServerProcess { child, socket, dir };
-        server.wait_for_socket(Duration::from_secs(20));
-        server
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = spawn_server(&socket, &args, Stdio::inherit());
+        ServerProcess { child, socket, dir }
     }
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    fn wait_for_socket(&mut self, timeout: Duration) {
-        let start = Instant::now();
-        while !self.socket.exists() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("uringblk exited before listening: {status}");
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "uringblk did not create its socket in {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -107,6 +80,39 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// Starts `uringblk --socket SOCKET <args...>` (logs to `stderr`) and returns once the socket
+/// exists; the socket may be one an earlier, killed, server left behind.
+pub fn spawn_server(socket: &Path, args: &[&str], stderr: Stdio) -> Child {
+    let _ = std::fs::remove_file(socket);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_uringblk"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        // Statistics JSON arrives on stdout; logs stay on stderr.
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn uringblk");
+    let timeout = Duration::from_secs(20);
+    let start = Instant::now();
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("uringblk exited before listening: {status}");
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "uringblk did not create its socket in {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
 
 /// An image file in a directory of its own: the server's directory goes away with the server
