@@ -61,6 +61,19 @@ impl BackendInternal {
         self.wait_for_ack(&hdr)
     }
 
+    // uringblk patch: a request without a body (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG).
+    fn send_header_only(&mut self, request: BackendReq) -> Result<u64> {
+        self.check_state()?;
+
+        let mut hdr = VhostUserMsgHeader::new(request, 0, 0);
+        if self.reply_ack_negotiated {
+            hdr.set_need_reply(true);
+        }
+        self.sock.send_header(&hdr, None)?;
+
+        self.wait_for_ack(&hdr)
+    }
+
     fn wait_for_ack(&mut self, hdr: &VhostUserMsgHeader<BackendReq>) -> Result<u64> {
         self.check_state()?;
         if !self.reply_ack_negotiated {
@@ -146,6 +159,14 @@ impl Backend {
 }
 
 impl VhostUserFrontendReqHandler for Backend {
+    /// Forward a device configuration change notification to the frontend (uringblk patch).
+    ///
+    /// With REPLY_ACK negotiated this waits for the frontend's answer, without a time limit.
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        let mut guard = self.inner.lock().unwrap();
+        Ok(guard.send_header_only(BackendReq::CONFIG_CHANGE_MSG)?)
+    }
+
     /// Forward vhost-user shared-object add request to the frontend.
     fn shared_object_add(&self, uuid: &VhostUserSharedMsg) -> HandlerResult<u64> {
         let mut guard = self.inner.lock().unwrap();
@@ -283,6 +304,39 @@ mod tests {
         backend
             .shared_object_add(&VhostUserSharedMsg::default())
             .unwrap();
+    }
+
+    #[test]
+    fn test_config_change() {
+        let (mut frontend, backend) = frontend_backend_pair();
+
+        // Without REPLY_ACK: sent, nothing awaited.
+        backend.handle_config_change().unwrap();
+        let (hdr, files) = frontend.recv_header().unwrap();
+        assert_eq!(hdr.get_code().unwrap(), BackendReq::CONFIG_CHANGE_MSG);
+        assert_eq!(hdr.get_size(), 0);
+        assert!(!hdr.is_need_reply());
+        assert!(files.is_none());
+
+        // With REPLY_ACK: the frontend's answer is awaited and checked.
+        backend.set_reply_ack_flag(true);
+        let mut reply = VhostUserMsgHeader::new(
+            BackendReq::CONFIG_CHANGE_MSG,
+            VhostUserHeaderFlag::REPLY.bits(),
+            mem::size_of::<VhostUserU64>() as u32,
+        );
+        frontend
+            .send_message(&reply, &VhostUserU64::new(0), None)
+            .unwrap();
+        backend.handle_config_change().unwrap();
+        let (hdr, _) = frontend.recv_header().unwrap();
+        assert!(hdr.is_need_reply());
+
+        reply.set_code(BackendReq::CONFIG_CHANGE_MSG);
+        frontend
+            .send_message(&reply, &VhostUserU64::new(1), None)
+            .unwrap();
+        backend.handle_config_change().unwrap_err();
     }
 
     #[test]
