@@ -69,7 +69,7 @@ impl ResizePlan {
     ) -> Result<ResizePlan, ResizeError> {
         let block = logical_block_size;
         let aligned = |bytes: u64| {
-            if bytes % u64::from(block) == 0 {
+            if bytes.is_multiple_of(u64::from(block)) {
                 Ok(bytes)
             } else {
                 Err(ResizeError::Misaligned { bytes, block })
