@@ -5,7 +5,8 @@
 //! reports the new capacity; real requests through a real vring (memfd guest memory, kick and
 //! call eventfds) are checked against the old and the new end; shrinking is refused and
 //! changes nothing; a frontend without the channel, or one that never answers, gets no
-//! message and costs the caller a bounded wait at most.
+//! message and costs the caller a bounded wait at most. With two iothreads, each takes the new
+//! size at its next batch.
 
 mod support;
 
@@ -372,4 +373,73 @@ fn a_frontend_that_never_answers_costs_a_bounded_wait() {
     assert!(started.elapsed() < timeout);
     // The protocol thread was never held up, and the size is in force.
     assert_eq!(config_capacity(&mut fe.f), NEW_SIZE);
+}
+
+/// Two queues on two iothreads (driven in place, as tests/hostile.rs does): after a resize,
+/// each iothread serves the new space from its next batch on, with no message of its own.
+#[test]
+fn every_iothread_takes_the_new_size_at_its_next_batch() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let image = dir.path().join("disk.img");
+    make_image(&image, OLD_SIZE);
+    let storage = open_image(&image, false).expect("image");
+    let guest = support::Guest::new(&[(0, GUEST_SIZE)]);
+    let layouts = [0u64, 0x4000].map(|base| QueueLayout {
+        size: QSIZE,
+        desc: base,
+        avail: base + 0x800,
+        used: base + 0x1000,
+    });
+    let dev = support::Device::new(&guest, storage, 2, &layouts, false, Duration::ZERO);
+    let write_past_old_end = |round: u16| -> Vec<u8> {
+        let m = guest.mem.memory();
+        for (q, l) in layouts.iter().enumerate() {
+            let header = HEADER + 0x100 * q as u64;
+            let data = DATA + 0x1_0000 * q as u64;
+            let offset = OLD_SIZE + MIB * q as u64;
+            m.write_slice(
+                &header_bytes(VIRTIO_BLK_T_OUT, offset / SECTOR),
+                GuestAddress(header),
+            )
+            .expect("header");
+            m.write_obj(0xffu8, GuestAddress(header + 16))
+                .expect("status");
+            m.write_slice(&[0x60 + q as u8; BLOCK as usize], GuestAddress(data))
+                .expect("data");
+            let head = 3 * round;
+            l.chain(
+                &m,
+                head,
+                &[
+                    (header, 16, false),
+                    (data, BLOCK, false),
+                    (header + 16, 1, true),
+                ],
+            );
+            l.publish(&m, &[head]);
+        }
+        let expected = dev.answered() + layouts.len() as u64;
+        if let Err(e) = dev.run(&[0, 1], expected, Duration::from_secs(10)) {
+            guest.keep_mapped();
+            panic!("{e}");
+        }
+        (0..layouts.len())
+            .map(|q| {
+                m.read_obj(GuestAddress(HEADER + 0x100 * q as u64 + 16))
+                    .expect("status")
+            })
+            .collect()
+    };
+    use vm_memory::GuestAddressSpace;
+    assert_eq!(write_past_old_end(0), [VIRTIO_BLK_S_IOERR; 2]);
+    let r = dev.backend.resize(Some(NEW_SIZE)).expect("resize");
+    assert_eq!(r.guest, GuestNotice::NotNotified(NotNotified::NoFrontend));
+    assert_eq!(write_past_old_end(1), [VIRTIO_BLK_S_OK; 2]);
+    for q in 0..2u64 {
+        let block = image_bytes(&image, OLD_SIZE + MIB * q, BLOCK as usize);
+        assert!(
+            block.iter().all(|&b| b == 0x60 + q as u8),
+            "queue {q}'s block"
+        );
+    }
 }
