@@ -6,6 +6,10 @@
 //! | `{"command": "info"}` | image, capacity, features, connection, queues, iothreads |
 //! | `{"command": "flush"}` | `null` once everything written so far is durable |
 //! | `{"command": "write-cache"}` | `{"mode": "writeback"|"writethrough"}`: the mode in force |
+//! | `{"command": "resize", "size": BYTES}` | `{"from_bytes", "to_bytes", "guest_notified", "guest"}`: a file image grown to BYTES |
+//! | `{"command": "resize"}` | the same, for a block device: the disk takes the size the device has now |
+//!
+//! `size` is a positive integer of bytes (a block device must then be exactly that large).
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -22,6 +26,11 @@ pub enum Command {
     Flush,
     /// The write-cache mode in force (as the driver negotiated it).
     WriteCache,
+    /// Grow the disk: a file image to `size` bytes; a block device to the size it has now
+    /// (`size`, if given, must be that size).
+    Resize {
+        size: Option<u64>,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,7 +39,7 @@ pub enum ProtocolError {
     NotJson(String),
     #[error("request has no \"command\" string")]
     NoCommand,
-    #[error("unknown command {0:?} (known: stats, info, flush, write-cache)")]
+    #[error("unknown command {0:?} (known: stats, info, flush, write-cache, resize)")]
     Unknown(String),
     #[error("bad arguments for {command:?}: {reason}")]
     BadArguments {
@@ -46,6 +55,14 @@ pub enum ProtocolError {
 struct NoArguments {
     #[allow(dead_code)]
     command: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeArguments {
+    #[allow(dead_code)]
+    command: String,
+    size: Option<u64>,
 }
 
 impl Command {
@@ -69,6 +86,7 @@ impl Command {
             "info" => no_arguments(value, "info").map(|_| Command::Info),
             "flush" => no_arguments(value, "flush").map(|_| Command::Flush),
             "write-cache" => no_arguments(value, "write-cache").map(|_| Command::WriteCache),
+            "resize" => resize_arguments(value),
             _ => Err(ProtocolError::Unknown(name)),
         }
     }
@@ -80,6 +98,8 @@ impl Command {
             Command::Info => json!({"command": "info"}),
             Command::Flush => json!({"command": "flush"}),
             Command::WriteCache => json!({"command": "write-cache"}),
+            Command::Resize { size: None } => json!({"command": "resize"}),
+            Command::Resize { size: Some(size) } => json!({"command": "resize", "size": size}),
         };
         v.to_string()
     }
@@ -92,6 +112,19 @@ fn no_arguments(value: Value, command: &'static str) -> Result<(), ProtocolError
             command,
             reason: e.to_string(),
         })
+}
+
+fn resize_arguments(value: Value) -> Result<Command, ProtocolError> {
+    let bad = |reason: String| ProtocolError::BadArguments {
+        command: "resize",
+        reason,
+    };
+    let args: ResizeArguments = serde_json::from_value(value)
+        .map_err(|e| bad(format!("{e} (\"size\" is a number of bytes)")))?;
+    if args.size == Some(0) {
+        return Err(bad("size must be greater than 0".into()));
+    }
+    Ok(Command::Resize { size: args.size })
 }
 
 /// A reply line.
@@ -137,8 +170,52 @@ mod tests {
             Command::Info,
             Command::Flush,
             Command::WriteCache,
+            Command::Resize { size: None },
+            Command::Resize {
+                size: Some(1 << 30),
+            },
+            Command::Resize {
+                size: Some(u64::MAX),
+            },
         ] {
             assert_eq!(Command::parse(&cmd.to_line()), Ok(cmd));
+        }
+    }
+
+    #[test]
+    fn resize_takes_an_optional_positive_byte_count() {
+        assert_eq!(
+            Command::parse(r#"{"command": "resize", "size": 4096}"#),
+            Ok(Command::Resize { size: Some(4096) })
+        );
+        assert_eq!(
+            Command::parse(r#"{"command": "resize"}"#),
+            Ok(Command::Resize { size: None })
+        );
+        assert_eq!(
+            Command::parse(r#"{"command": "resize", "size": null}"#),
+            Ok(Command::Resize { size: None })
+        );
+        for bad in [
+            r#"{"command": "resize", "size": 0}"#,
+            r#"{"command": "resize", "size": -4096}"#,
+            r#"{"command": "resize", "size": 4096.5}"#,
+            r#"{"command": "resize", "size": "1G"}"#,
+            r#"{"command": "resize", "size": 18446744073709551616}"#,
+            r#"{"command": "resize", "bytes": 4096}"#,
+            r#"{"command": "resize", "size": 4096, "force": true}"#,
+        ] {
+            assert!(
+                matches!(
+                    Command::parse(bad),
+                    Err(ProtocolError::BadArguments {
+                        command: "resize",
+                        ..
+                    })
+                ),
+                "{bad}: {:?}",
+                Command::parse(bad)
+            );
         }
     }
 

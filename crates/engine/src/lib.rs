@@ -54,7 +54,7 @@ pub use discard::{BlockDiscard, BlockDiscardCounts};
 pub use merge::MergeLimits;
 pub use ring::{RingCounters, RingMode, RingSetup};
 pub use stats::{QueueStats, StatKind};
-pub use storage::{ImageOptions, Storage, StorageError, StorageKind};
+pub use storage::{ImageOptions, ResizeError, Storage, StorageError, StorageKind};
 
 use bounce::BouncePool;
 use discard::Discarder;

@@ -131,7 +131,7 @@ pub struct Cli {
     #[arg(long)]
     pub no_lock: bool,
 
-    /// Control socket (unix, owner-only) for `uringblk ctl --control PATH stats|info|flush|write-cache`.
+    /// Control socket (unix, owner-only) for `uringblk ctl --control PATH stats|info|flush|write-cache|resize`.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 

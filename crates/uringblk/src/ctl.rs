@@ -36,6 +36,17 @@ enum CtlCommand {
     Flush,
     /// The write-cache mode in force, as the driver negotiated it.
     WriteCache,
+    /// Grow the disk while the guest runs, and tell the guest (its /sys/block/vdX/size
+    /// changes). A file image: give SIZE, it is grown to SIZE (never shrunk; whole logical
+    /// blocks; not read-only). A block device: grow it first (e.g. `losetup -c` after growing
+    /// a loop device's file), then run `resize` without SIZE to take the size it has now, or
+    /// with SIZE to insist that it be exactly that.
+    Resize {
+        /// New size in bytes (suffixes K, M, G, T as for --create); leave it out for a block
+        /// device to re-read its size.
+        #[arg(value_name = "SIZE", value_parser = crate::cli::parse_size)]
+        size: Option<u64>,
+    },
 }
 
 /// Runs `uringblk ctl ARGS` (`args` starts with the program name).
@@ -46,6 +57,7 @@ pub fn run(args: impl Iterator<Item = String>) -> ExitCode {
         CtlCommand::Info => Command::Info,
         CtlCommand::Flush => Command::Flush,
         CtlCommand::WriteCache => Command::WriteCache,
+        CtlCommand::Resize { size } => Command::Resize { size },
     };
     match control::request(&cli.control, &command, Duration::from_secs(cli.timeout)) {
         Ok(Reply::Ok(result)) => {

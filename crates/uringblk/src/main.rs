@@ -199,6 +199,7 @@ fn build(cli: &Cli) -> Result<(VhostUserBlk, Arc<Storage>, Option<ImageLock>), S
             iowq_max_workers: cli.iowq_max_workers,
             fixed_buffers: !cli.no_fixed_buffers,
             bounce_budget: usize::try_from(cli.bounce_budget_mib << 20).unwrap_or(usize::MAX),
+            config_change_timeout: vhost_server::DEFAULT_CONFIG_CHANGE_TIMEOUT,
         },
         storage.clone(),
     )

@@ -25,7 +25,8 @@ impl Operator {
         json!({
             "image": self.image.as_ref().map(|p| p.display().to_string()),
             "storage": format!("{:?}", self.storage.kind()).to_lowercase(),
-            "capacity_bytes": self.storage.capacity_bytes(),
+            // The capacity in force (it changes with `resize`).
+            "capacity_bytes": self.backend.capacity_bytes(),
             "logical_block_size": self.logical_block_size,
             "direct": self.storage.is_direct(),
             "readonly": self.readonly,
@@ -79,6 +80,16 @@ fn feature_names(features: u64) -> Vec<&'static str> {
         .collect()
 }
 
+fn resized_json(r: &vhost_server::Resized) -> Value {
+    json!({
+        "from_bytes": r.from_bytes,
+        "to_bytes": r.to_bytes,
+        "guest_notified": r.guest == vhost_server::GuestNotice::Notified,
+        // "guest notified", or "guest not notified (why)".
+        "guest": r.guest.to_string(),
+    })
+}
+
 fn cache_mode(writeback: bool) -> &'static str {
     if writeback {
         "writeback"
@@ -100,6 +111,11 @@ impl ControlHandler for Operator {
             Command::WriteCache => Ok(json!({
                 "mode": cache_mode(self.backend.write_cache_enabled())
             })),
+            Command::Resize { size } => self
+                .backend
+                .resize(*size)
+                .map(|r| resized_json(&r))
+                .map_err(|e| format!("resize: {e}")),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! quiesce, statistics.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use engine::{Engine, EngineConfig, QueueStats, Storage};
 use vhost_user_backend::{ShutdownHandle, VringEpollHandler};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::backend_req::BackendChannel;
 use crate::cache_mode::CacheMode;
 use crate::control::{self, ControlError, ControlMsg, ControlPort};
 use crate::iothread::IoThread;
@@ -19,7 +20,19 @@ use crate::placement::{placement, queue_masks};
 use crate::{ServerConfig, ServerError};
 
 pub(crate) struct Inner {
+    /// As configured at start; its `capacity_sectors` is the start-up size (the size in force
+    /// is `capacity_sectors` below).
     pub(crate) device: DeviceConfig,
+    /// The capacity in force, in 512-byte sectors: what GET_CONFIG reports and what each
+    /// iothread validates requests against (loaded once per drain). Only grows (resize.rs).
+    pub(crate) capacity_sectors: AtomicU64,
+    pub(crate) storage: Arc<Storage>,
+    /// Resizes one at a time.
+    pub(crate) resize_lock: Mutex<()>,
+    /// This connection's backend-request channel, if the frontend gave one.
+    pub(crate) backend_req: BackendChannel,
+    /// How long a resize waits for the frontend to take the config change message.
+    pub(crate) config_change_timeout: Duration,
     pub(crate) queue_size: u16,
     pub(crate) masks: Vec<u64>,
     /// Per global queue: (thread, index among that thread's vrings).
@@ -124,13 +137,22 @@ impl VhostUserBlk {
                 },
             )?;
             ports.push(ControlPort::new(t).map_err(ServerError::Control)?);
-            threads.push(Mutex::new(IoThread::new(engine, max_requests)));
+            threads.push(Mutex::new(IoThread::new(
+                engine,
+                max_requests,
+                cfg.device.clone(),
+            )));
         }
         let cpus = (0..cfg.iothreads)
             .map(|i| cfg.cpus.get(i).copied())
             .collect();
         Ok(VhostUserBlk(Arc::new(Inner {
+            capacity_sectors: AtomicU64::new(cfg.device.capacity_sectors),
             device: cfg.device,
+            storage,
+            resize_lock: Mutex::new(()),
+            backend_req: BackendChannel::default(),
+            config_change_timeout: cfg.config_change_timeout,
             queue_size: cfg.queue_size,
             masks,
             placement,
@@ -197,6 +219,7 @@ impl VhostUserBlk {
         self.0.cache.reset();
         *self.0.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.0.frontend.disconnected();
+        self.0.backend_req.clear();
         for port in &self.0.ports {
             port.discard_stale();
         }

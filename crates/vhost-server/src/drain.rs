@@ -2,6 +2,8 @@
 //! straight through the iothread's region snapshot (blk-proto's walker), not through
 //! virtio-queue's iterator; only next_avail is written back to the queue.
 
+use std::sync::atomic::Ordering;
+
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 
@@ -105,6 +107,8 @@ impl IoThread {
         };
         // Translated once for the whole drain, not per request.
         let ring = ring.map(regions);
+        // Pairs with the Release store of a resize, which follows the storage's growth.
+        self.device.capacity_sectors = inner.capacity_sectors.load(Ordering::Acquire);
         loop {
             if let Err(e) = v.disable_notification() {
                 log::warn!("queue {queue}: cannot disable notifications: {e}");
@@ -117,7 +121,7 @@ impl IoThread {
                     queue,
                     malformed_logged: &mut self.malformed_logged,
                 };
-                blk_proto::drain(&ring, &inner.device, &mut next_avail, &mut sink)
+                blk_proto::drain(&ring, &self.device, &mut next_avail, &mut sink)
             };
             // The queue's next_avail drives notification suppression (EVENT_IDX included)
             // as if virtio-queue had popped the chains.

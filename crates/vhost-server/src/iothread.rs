@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use blk_proto::DeviceConfig;
 use engine::Engine;
 
 use crate::control::{ControlMsg, ControlPort};
@@ -17,6 +18,10 @@ pub(crate) const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// updates, stop, stats) can reach it; on the data path only its own thread takes it.
 pub(crate) struct IoThread {
     pub(crate) engine: Engine,
+    /// The device config requests are validated against: the configured one, with the
+    /// capacity in force taken at the start of each drain (a resize reaches every iothread
+    /// at its next drain, for the cost of one load).
+    pub(crate) device: DeviceConfig,
     pub(crate) mem: Option<GuestMem>,
     /// Snapshots of the mappings that in-flight requests point into (each keeps its mapping
     /// alive): the current one last, plus older ones until nothing in flight can still use
@@ -48,9 +53,10 @@ pub(crate) struct IoThread {
 }
 
 impl IoThread {
-    pub(crate) fn new(engine: Engine, max_requests: usize) -> IoThread {
+    pub(crate) fn new(engine: Engine, max_requests: usize, device: DeviceConfig) -> IoThread {
         IoThread {
             engine,
+            device,
             mem: None,
             pinned: Vec::new(),
             throttled: 0,

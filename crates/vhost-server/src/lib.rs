@@ -14,9 +14,11 @@
 //! [`affinity`] (CPU pinning), [`cache_mode`] (the negotiated write cache mode), [`iothread`] (one iothread's state), [`guest_memory`] (which
 //! mappings in-flight requests keep alive), [`drain`] (avail ring -> engine), [`poll`]
 //! (busy-polling), [`deliver`] (completions -> used ring), [`control`] (messages to an
-//! iothread), [`serve`] (the connection loop).
+//! iothread), [`serve`] (the connection loop), [`resize`] (growing the disk while it is
+//! served), [`backend_req`] (the backend-request channel: config change messages).
 
 mod affinity;
+mod backend_req;
 mod cache_mode;
 mod control;
 mod deliver;
@@ -28,6 +30,7 @@ mod iothread;
 mod placement;
 mod poll;
 mod ratelimit;
+mod resize;
 mod serve;
 mod vhost_user;
 
@@ -39,9 +42,11 @@ use engine::{MergeLimits, RingSetup};
 use vhost_user_backend::VringMutex;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+pub use backend_req::NotNotified;
 pub use device::{QuiesceError, VhostUserBlk};
 pub use frontend::FrontendInfo;
 pub use placement::queue_masks;
+pub use resize::{GuestNotice, ResizeError, ResizePlan, Resized};
 pub use serve::{serve, ServeError};
 
 type Mem = GuestMemoryMmap<()>;
@@ -65,6 +70,9 @@ pub enum ServerError {
     #[error("cannot create an iothread's control channel: {0}")]
     Control(io::Error),
 }
+
+/// [`ServerConfig::config_change_timeout`] by default: QEMU answers within milliseconds.
+pub const DEFAULT_CONFIG_CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything the backend needs to serve one export.
 #[derive(Clone, Debug)]
@@ -90,6 +98,9 @@ pub struct ServerConfig {
     pub fixed_buffers: bool,
     /// Bytes of O_DIRECT bounce buffers each iothread may hold at once.
     pub bounce_budget: usize,
+    /// How long a resize waits for the frontend to take (with REPLY_ACK: acknowledge) the
+    /// config change message before it reports the guest as not notified.
+    pub config_change_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -109,6 +120,7 @@ impl ServerConfig {
             iowq_max_workers: 0,
             fixed_buffers: true,
             bounce_budget: engine::DEFAULT_BOUNCE_BUDGET,
+            config_change_timeout: DEFAULT_CONFIG_CHANGE_TIMEOUT,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use blk_proto::parse_config_write;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
 use vhost_user_backend::VhostUserBackend;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -42,6 +43,8 @@ impl VhostUserBackend for VhostUserBlk {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // The channel for config change messages (resize).
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -60,9 +63,16 @@ impl VhostUserBackend for VhostUserBlk {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.0
-            .device
-            .read_config(self.0.cache.writeback(), offset, size)
+        // The capacity in force, which a resize changes; the rest is as configured.
+        let mut device = self.0.device.clone();
+        device.capacity_sectors = self.0.capacity_sectors.load(Ordering::Acquire);
+        device.read_config(self.0.cache.writeback(), offset, size)
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        // The library has set its REPLY_ACK flag if the frontend negotiated REPLY_ACK.
+        log::debug!("frontend gave a backend-request channel");
+        self.0.backend_req.keep(backend);
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {

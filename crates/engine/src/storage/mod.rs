@@ -8,16 +8,19 @@
 mod external;
 mod fault;
 mod op;
+mod resize;
 
 pub use external::{CompletionQueue, ExternalStorage};
 pub use fault::{Fault, FaultRule, FaultStorage, OpRecord};
 pub use op::{IoKind, IoOp};
+pub use resize::ResizeError;
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +67,8 @@ pub struct Storage {
     file: Option<File>,
     external: Option<Arc<dyn ExternalStorage>>,
     kind: StorageKind,
-    capacity: u64,
+    /// Bytes: the size at open, or after the last resize (`resize.rs`).
+    capacity: AtomicU64,
     direct: bool,
     /// O_DIRECT alignment of buffer addresses and lengths in memory (1 when not direct).
     dio_mem_align: u32,
@@ -79,7 +83,7 @@ impl Storage {
             file: None,
             external: None,
             kind: StorageKind::Null,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             direct: false,
             dio_mem_align: 1,
             dio_offset_align: 1,
@@ -92,7 +96,7 @@ impl Storage {
             file: None,
             external: Some(external),
             kind: StorageKind::External,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             direct: false,
             dio_mem_align: 1,
             dio_offset_align: 1,
@@ -163,7 +167,7 @@ impl Storage {
             file: Some(file),
             external: None,
             kind,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             direct: opts.direct,
             dio_mem_align,
             dio_offset_align,
@@ -178,7 +182,7 @@ impl Storage {
             file: Some(file),
             external: None,
             kind: StorageKind::File,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             direct: false,
             dio_mem_align: 1,
             dio_offset_align: 1,
@@ -205,8 +209,9 @@ impl Storage {
         self.kind
     }
 
+    /// The size at open, or as the last [`Storage::grow`] / [`Storage::reread_size`] left it.
     pub fn capacity_bytes(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
     }
 
     pub fn is_direct(&self) -> bool {
