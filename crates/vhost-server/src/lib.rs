@@ -22,13 +22,17 @@ mod control;
 mod deliver;
 mod device;
 mod drain;
+mod event_loop;
 mod frontend;
 mod guest_memory;
 mod iothread;
+mod mem_table;
+mod next_request;
 mod placement;
 mod poll;
 mod ratelimit;
 mod serve;
+mod session;
 mod vhost_user;
 
 use std::io;

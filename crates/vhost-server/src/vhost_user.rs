@@ -9,9 +9,6 @@ use blk_proto::parse_config_write;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
 use crate::control::{ControlError, ControlMsg};
 use crate::device::{completion_event, control_event, VhostUserBlk, MEMORY_TIMEOUT};
@@ -106,10 +103,6 @@ impl VhostUserBackend for VhostUserBlk {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         self.0.masks.clone()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
