@@ -180,3 +180,58 @@ fn a_queue_index_out_of_range_gets_an_error_reply_and_the_connection_goes_on() {
     assert_eq!(backend.frontend_info().connections, 1, "still the first connection");
     eventually("the server still answers", || backend.write_cache_enabled());
 }
+
+/// One raw request: header (request, flags = version 1 | `flags`, size) and body.
+fn send_raw(s: &mut std::os::unix::net::UnixStream, code: u32, flags: u32, body: &[u8]) {
+    use std::io::Write;
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&code.to_le_bytes());
+    msg.extend_from_slice(&(1 | flags).to_le_bytes());
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(body);
+    s.write_all(&msg).expect("send a request");
+}
+
+/// The reply to `code`: its u64 body.
+fn read_u64_reply(s: &mut std::os::unix::net::UnixStream, code: u32) -> u64 {
+    use std::io::Read;
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).expect("a reply, not a hang or EOF");
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), code);
+    assert_eq!(u32::from_le_bytes(reply[4..8].try_into().unwrap()) & 0x4, 0x4, "REPLY");
+    assert_eq!(u32::from_le_bytes(reply[8..12].try_into().unwrap()), 8);
+    u64::from_le_bytes(reply[12..20].try_into().unwrap())
+}
+
+/// Requests the vhost crate refuses on its own (an unknown request, one whose protocol
+/// feature was not negotiated) still get the REPLY_ACK asked for, with a failure, and the
+/// connection goes on: the body left on the socket is skipped, the next request is served.
+#[test]
+fn requests_the_vhost_crate_refuses_itself_get_an_error_ack_and_the_connection_goes_on() {
+    const NEED_REPLY: u32 = 0x8;
+    let (_backend, socket, _dir) = server(true);
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    send_raw(&mut s, 1, 0, &[]); // GET_FEATURES
+    let features = read_u64_reply(&mut s, 1);
+    send_raw(&mut s, 15, 0, &[]); // GET_PROTOCOL_FEATURES
+    let protocol = read_u64_reply(&mut s, 15);
+    let reply_ack = VhostUserProtocolFeatures::REPLY_ACK.bits();
+    assert_ne!(protocol & reply_ack, 0);
+    send_raw(&mut s, 16, NEED_REPLY, &reply_ack.to_le_bytes()); // SET_PROTOCOL_FEATURES
+    assert_eq!(read_u64_reply(&mut s, 16), 0, "accepted");
+    // An unknown request with a body: refused, body skipped.
+    send_raw(&mut s, 99, NEED_REPLY, &[0xee; 24]);
+    assert_ne!(read_u64_reply(&mut s, 99), 0, "an unknown request is a failure");
+    // SET_CONFIG without CONFIG negotiated (offset 0, size 1, flags 0, one byte).
+    let mut config = Vec::new();
+    config.extend_from_slice(&0u32.to_le_bytes());
+    config.extend_from_slice(&1u32.to_le_bytes());
+    config.extend_from_slice(&0u32.to_le_bytes());
+    config.push(1);
+    send_raw(&mut s, 25, NEED_REPLY, &config);
+    assert_ne!(read_u64_reply(&mut s, 25), 0, "CONFIG was not negotiated");
+    // The same connection is still served.
+    send_raw(&mut s, 1, 0, &[]);
+    assert_eq!(read_u64_reply(&mut s, 1), features);
+}
