@@ -73,6 +73,12 @@ pub enum InflightError {
     TooSmall { needed: u64, given: u64 },
     #[error("inflight mmap_offset {0} is not a multiple of {align}", align = layout::ALIGN)]
     BadOffset(u64),
-    #[error("inflight mmap_offset {offset} + mmap_size {size} lies outside the {file_len}-byte file")]
-    OutsideFile { offset: u64, size: u64, file_len: u64 },
+    #[error(
+        "inflight mmap_offset {offset} + mmap_size {size} lies outside the {file_len}-byte file"
+    )]
+    OutsideFile {
+        offset: u64,
+        size: u64,
+        file_len: u64,
+    },
 }

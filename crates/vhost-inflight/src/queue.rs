@@ -128,7 +128,9 @@ impl InflightQueue {
             self.entry_next(head).store(0, Relaxed);
             self.entry_counter(head).store(0, Relaxed);
         }
-        self.region.u64_at(self.start + layout::FEATURES).store(0, Relaxed);
+        self.region
+            .u64_at(self.start + layout::FEATURES)
+            .store(0, Relaxed);
         self.header_u16(layout::LAST_BATCH_HEAD).store(0, Relaxed);
         self.header_u16(layout::USED_IDX)
             .store(vring_used_idx, Relaxed);
