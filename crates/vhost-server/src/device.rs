@@ -123,7 +123,11 @@ impl VhostUserBlk {
                 },
             )?;
             ports.push(ControlPort::new(t).map_err(ServerError::Control)?);
-            threads.push(Mutex::new(IoThread::new(engine, max_requests)));
+            threads.push(Mutex::new(IoThread::new(
+                engine,
+                max_requests,
+                m.count_ones() as usize,
+            )));
         }
         let cpus = (0..cfg.iothreads)
             .map(|i| cfg.cpus.get(i).copied())

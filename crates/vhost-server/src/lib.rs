@@ -25,6 +25,7 @@ mod drain;
 mod event_loop;
 mod frontend;
 mod guest_memory;
+mod inflight;
 mod iothread;
 mod mem_table;
 mod next_request;

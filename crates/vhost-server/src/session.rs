@@ -29,9 +29,11 @@ use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
+use vhost_inflight::{InflightError, InflightRegion};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::event_loop::{EventLoop, RunningLoop};
+use crate::inflight::QueueInflight;
 use crate::mem_table::{MemoryError, MemoryTable, MAX_MEM_SLOTS};
 use crate::{GuestMem, Mem, VhostUserBlk, Vring};
 
@@ -65,6 +67,8 @@ pub(crate) enum SessionError {
     Device(io::Error),
     #[error("queue {index}: cannot watch its kick fd: {source}")]
     Watch { index: usize, source: io::Error },
+    #[error("inflight region: {0}")]
+    Inflight(#[from] InflightError),
     #[error("not supported by this device")]
     Unsupported,
 }
@@ -93,6 +97,13 @@ pub(crate) struct Session {
     acked_features: Option<u64>,
     acked_protocol: VhostUserProtocolFeatures,
     refusal: Option<Refusal>,
+    /// The inflight region (INFLIGHT_SHMFD), once the frontend asked for one or handed one
+    /// back.
+    inflight: Option<Arc<InflightRegion>>,
+    /// It was handed back without being asked for here: it comes from an earlier server.
+    inflight_handed_back: bool,
+    /// Per queue: its part of the region is with its iothread (from start to stop).
+    inflight_started: Vec<bool>,
 }
 
 impl Session {
@@ -134,6 +145,9 @@ impl Session {
             acked_features: None,
             acked_protocol: VhostUserProtocolFeatures::empty(),
             refusal: None,
+            inflight: None,
+            inflight_handed_back: false,
+            inflight_started: vec![false; inner.device.num_queues as usize],
         })
     }
 
@@ -141,6 +155,8 @@ impl Session {
     pub(crate) fn stop_loops(&mut self) {
         for q in 0..self.vrings.len() {
             self.unwatch(q);
+            // What is still marked stays so in the region, for the next server or connection.
+            self.take_back_inflight(q);
         }
         self.running.drain(..).for_each(RunningLoop::stop);
     }
@@ -180,7 +196,7 @@ impl Session {
     }
 
     /// Watches queue `q`'s kick fd if the queue is started and enabled, else stops watching.
-    fn update_watch(&self, q: usize) -> Result<(), SessionError> {
+    fn update_watch(&mut self, q: usize) -> Result<(), SessionError> {
         let (thread, local) = self.device.0.placement[q];
         let (fd, live) = {
             let v = self.vrings[q].get_ref();
@@ -190,6 +206,8 @@ impl Session {
             (kick.as_raw_fd(), v.get_queue().ready() && v.is_enabled())
         };
         if live {
+            // Handed over before the kick watch_queue counts, whose drain recovers.
+            self.start_inflight(q);
             self.loops[thread]
                 .watch_queue(local, fd)
                 .map_err(|source| SessionError::Watch { index: q, source })
@@ -197,6 +215,89 @@ impl Session {
             self.loops[thread].unwatch_queue(fd);
             Ok(())
         }
+    }
+
+    /// A queue that starts with an inflight region: its part goes to its iothread, which
+    /// recovers at its first drain. A queue whose size is not the region's is not tracked
+    /// (entries and used slots would not line up).
+    fn start_inflight(&mut self, q: usize) {
+        let Some(region) = &self.inflight else {
+            return;
+        };
+        if self.inflight_started[q] {
+            return;
+        }
+        self.inflight_started[q] = true;
+        let size = self.vrings[q].get_ref().get_queue().size();
+        if size != region.queue_size() {
+            log::warn!(
+                "queue {q}: its size {size} is not the inflight region's {}: its requests are \
+                 not tracked for a restart",
+                region.queue_size()
+            );
+            return;
+        }
+        let Some(part) = region.queue(q as u16) else {
+            log::warn!(
+                "queue {q}: the inflight region has {} queues: its requests are not tracked \
+                 for a restart",
+                region.num_queues()
+            );
+            return;
+        };
+        let (thread, local) = self.device.0.placement[q];
+        self.device.control(thread).inflight[local] =
+            Some(QueueInflight::new(part, self.inflight_handed_back));
+    }
+
+    /// A stopped queue: its iothread gives its part of the region back (nothing of the
+    /// queue is in flight any more, or the connection is over).
+    fn take_back_inflight(&mut self, q: usize) {
+        if std::mem::take(&mut self.inflight_started[q]) {
+            let (thread, local) = self.device.0.placement[q];
+            self.device.control(thread).inflight[local] = None;
+        }
+    }
+
+    fn get_inflight_fd_(
+        &mut self,
+        asked: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File), SessionError> {
+        let (region, file) = InflightRegion::create(asked.num_queues, asked.queue_size)?;
+        let size = vhost_inflight::region_size(asked.num_queues, asked.queue_size);
+        self.inflight = Some(region);
+        self.inflight_handed_back = false;
+        Ok((
+            VhostUserInflight::new(size, 0, asked.num_queues, asked.queue_size),
+            file,
+        ))
+    }
+
+    fn set_inflight_fd_(
+        &mut self,
+        given: &VhostUserInflight,
+        file: File,
+    ) -> Result<(), SessionError> {
+        let region = InflightRegion::map(
+            &file,
+            given.mmap_offset,
+            given.mmap_size,
+            given.num_queues,
+            given.queue_size,
+        )?;
+        // QEMU hands back the region it just got (first start) or the one it kept while the
+        // server was away (a reconnect).
+        if self.inflight.is_none() {
+            self.inflight_handed_back = true;
+            log::info!(
+                "the frontend handed back the in-flight region of an earlier server ({} \
+                 queues of {}): its requests are resubmitted as the queues start",
+                given.num_queues,
+                given.queue_size
+            );
+        }
+        self.inflight = Some(region);
+        Ok(())
     }
 
     fn unwatch(&self, q: usize) {
@@ -226,8 +327,8 @@ impl Session {
         // Without PROTOCOL_FEATURES every ring is enabled at once; with it, rings wait for
         // SET_VRING_ENABLE (vhost-user "Ring states").
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-            for (q, vring) in self.vrings.iter().enumerate() {
-                vring.set_enabled(true);
+            for q in 0..self.vrings.len() {
+                self.vrings[q].set_enabled(true);
                 self.update_watch(q)?;
             }
         }
@@ -316,8 +417,10 @@ impl Session {
         vring.set_queue_ready(false);
         self.update_watch(q)?;
         self.device.stop_vring(index).map_err(SessionError::Device)?;
-        let next_avail = vring.queue_next_avail();
+        let next_avail = self.vrings[q].queue_next_avail();
+        self.take_back_inflight(q);
         self.unwatch(q);
+        let vring = &self.vrings[q];
         vring.set_kick(None);
         vring.set_call(None);
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
@@ -357,6 +460,8 @@ impl Session {
             if let Err(e) = self.device.stop_vring(q as u32) {
                 log::error!("RESET_DEVICE: queue {q}: {e}");
             }
+            self.take_back_inflight(q);
+            let vring = &self.vrings[q];
             let mut v = vring.get_mut();
             v.get_queue_mut().reset();
             v.set_enabled(false);
@@ -417,8 +522,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         // the negotiated state here is known to break frontends).
         self.owned = false;
         let mut r = Ok(());
-        for (q, vring) in self.vrings.iter().enumerate() {
-            vring.set_enabled(false);
+        for q in 0..self.vrings.len() {
+            self.vrings[q].set_enabled(false);
             r = r.and(self.update_watch(q));
         }
         self.answer("RESET_OWNER", r)
@@ -549,17 +654,15 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VhostUserResult<(VhostUserInflight, File)> {
-        self.answer("GET_INFLIGHT_FD", Err(SessionError::Unsupported))
+        let r = self.get_inflight_fd_(inflight);
+        self.answer("GET_INFLIGHT_FD", r)
     }
 
-    fn set_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-        _file: File,
-    ) -> VhostUserResult<()> {
-        self.answer("SET_INFLIGHT_FD", Err(SessionError::Unsupported))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostUserResult<()> {
+        let r = self.set_inflight_fd_(inflight, file);
+        self.answer("SET_INFLIGHT_FD", r)
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
