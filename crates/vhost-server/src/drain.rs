@@ -10,6 +10,7 @@ use engine::Engine;
 use vhost_inflight::InflightQueue;
 
 use crate::device::Inner;
+use crate::inflight::Start;
 use crate::iothread::IoThread;
 use crate::{GuestMem, Vring};
 
@@ -119,6 +120,10 @@ impl IoThread {
             return;
         };
         let mut v = vring.get_mut();
+        // A disabled ring is not served (vhost-user "Ring states"), polled or kicked.
+        if !v.is_enabled() {
+            return;
+        }
         self.throttled &= !(1 << local);
         let Some(ring) = split_ring(v.get_queue()) else {
             return;
@@ -127,13 +132,20 @@ impl IoThread {
         let ring = ring.map(regions);
         if let Some(inflight) = self.inflight[local].as_mut() {
             let q = v.get_queue();
-            let (used_ring, size) = (q.used_ring(), q.size());
-            if let Some((next_avail, next_used)) = inflight.recover(regions, used_ring, size, queue)
-            {
-                let q = v.get_queue_mut();
-                q.set_next_avail(next_avail);
-                q.set_next_used(next_used);
+            match inflight.start(regions, q.used_ring(), q.size(), queue) {
+                Start::From {
+                    next_avail,
+                    next_used,
+                } => {
+                    let q = v.get_queue_mut();
+                    q.set_next_avail(next_avail);
+                    q.set_next_used(next_used);
+                }
+                Start::AsIs => {}
+                Start::Untracked => self.inflight[local] = None,
             }
+        }
+        if let Some(inflight) = self.inflight[local].as_mut() {
             // What an earlier server left in flight goes first, in counter order.
             while let Some(head) = inflight.next_resubmit() {
                 if !self.engine.can_accept() {
@@ -218,10 +230,11 @@ fn avail_pending(
     regions: &blk_proto::GuestRegions,
 ) -> bool {
     let q = v.get_queue();
-    split_ring(q).is_some_and(|ring| {
-        ring.avail_idx(regions)
-            .is_ok_and(|idx| idx != q.next_avail())
-    })
+    v.is_enabled()
+        && split_ring(q).is_some_and(|ring| {
+            ring.avail_idx(regions)
+                .is_ok_and(|idx| idx != q.next_avail())
+        })
 }
 
 /// Where the walker finds the queue's rings; None while the queue cannot be popped (not

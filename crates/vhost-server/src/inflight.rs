@@ -13,9 +13,22 @@
 use blk_proto::GuestRegions;
 use vhost_inflight::InflightQueue;
 
+/// What the queue's first drain does with its part of the region.
+pub(crate) enum Start {
+    /// Recovered: the queue goes on from these indexes.
+    From { next_avail: u16, next_used: u16 },
+    /// Recovered already (or the used index is unreadable: the queue is left as set).
+    AsIs,
+    /// The part does not fit the queue: drop it, the queue runs untracked.
+    Untracked,
+}
+
 /// One queue's part of the region, as its iothread holds it.
 pub(crate) struct QueueInflight {
     pub(crate) part: InflightQueue,
+    /// The region's queue size: its entries and the used ring's slots line up only for a
+    /// queue of that size.
+    region_queue_size: u16,
     /// Recovery still to run (at the queue's first drain).
     recovered: bool,
     /// Heads to resubmit, in counter order; `next` is the first not yet resubmitted.
@@ -27,9 +40,14 @@ pub(crate) struct QueueInflight {
 }
 
 impl QueueInflight {
-    pub(crate) fn new(part: InflightQueue, handed_back: bool) -> QueueInflight {
+    pub(crate) fn new(
+        part: InflightQueue,
+        region_queue_size: u16,
+        handed_back: bool,
+    ) -> QueueInflight {
         QueueInflight {
             part,
+            region_queue_size,
             recovered: false,
             resubmit: Vec::new(),
             next: 0,
@@ -37,27 +55,36 @@ impl QueueInflight {
         }
     }
 
-    /// At the queue's first drain: recovers from the region, and sets where the queue goes on.
-    /// `used_ring` and `size` are the queue's. Returns (next_avail, next_used), or None when
-    /// the used index cannot be read (the ring is outside guest memory: the queue is left as
-    /// the frontend set it, and breaks on its own).
-    pub(crate) fn recover(
+    /// At every drain, before anything is popped: the first one recovers from the region and
+    /// says where the queue goes on. `used_ring` and `size` are the queue's.
+    pub(crate) fn start(
         &mut self,
         regions: &GuestRegions,
         used_ring: u64,
         size: u16,
         queue: u16,
-    ) -> Option<(u16, u16)> {
+    ) -> Start {
         if self.recovered {
-            return None;
+            return Start::AsIs;
         }
         self.recovered = true;
-        let Some(used_idx) = read_u16(regions, used_ring.checked_add(2)?) else {
+        if size != self.region_queue_size {
+            log::warn!(
+                "queue {queue}: its size {size} is not the inflight region's {}: its requests \
+                 are not tracked for a restart",
+                self.region_queue_size
+            );
+            return Start::Untracked;
+        }
+        let Some(used_idx) = used_ring
+            .checked_add(2)
+            .and_then(|addr| read_u16(regions, addr))
+        else {
             log::error!(
                 "queue {queue}: cannot read its used index at {used_ring:#x}: in-flight \
                  requests of an earlier server are not resubmitted"
             );
-            return None;
+            return Start::AsIs;
         };
         let id_at = |slot: u16| {
             let addr = used_ring.checked_add(4 + 8 * u64::from(slot % size.max(1)))?;
@@ -72,7 +99,10 @@ impl QueueInflight {
         }
         self.resubmit = recovery.resubmit;
         self.next = 0;
-        Some((recovery.next_avail, used_idx))
+        Start::From {
+            next_avail: recovery.next_avail,
+            next_used: used_idx,
+        }
     }
 
     /// The next head to resubmit, if any is left.

@@ -35,10 +35,7 @@ pub(crate) enum MemoryError {
     )]
     PastEndOfFile { guest: u64, file_len: u64, end: u64 },
     #[error("region at guest {guest:#x}: cannot look at its file: {source}")]
-    File {
-        guest: u64,
-        source: std::io::Error,
-    },
+    File { guest: u64, source: std::io::Error },
     #[error("region at guest {guest:#x}: cannot map it: {why}")]
     Map { guest: u64, why: String },
     #[error("region at guest {guest:#x} overlaps another one ({what} addresses)")]

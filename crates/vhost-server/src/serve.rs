@@ -111,9 +111,9 @@ fn serve_connection(backend: &VhostUserBlk, stream: UnixStream, number: u64) {
              error above)"
         ),
         End::Disconnected => log::info!("frontend #{number} disconnected after {lasted:.1?}"),
-        End::Protocol(why) => log::error!(
-            "frontend #{number}: connection ended after {lasted:.1?}: {why}"
-        ),
+        End::Protocol(why) => {
+            log::error!("frontend #{number}: connection ended after {lasted:.1?}: {why}")
+        }
     }
     // The iothreads finish their in-flight I/O on their own rings, then their loops end.
     if let Err(e) = backend.quiesce() {

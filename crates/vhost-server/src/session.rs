@@ -16,20 +16,20 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
-    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg, VhostUserSingleMemoryRegion,
-    VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{
     Backend, Error as VhostUserError, GpuBackend, Result as VhostUserResult,
     VhostUserBackendReqHandlerMut,
 };
 use vhost::VhostUserMemoryRegionBase;
+use vhost_inflight::{InflightError, InflightRegion};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
-use vhost_inflight::{InflightError, InflightRegion};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::event_loop::{EventLoop, RunningLoop};
@@ -169,7 +169,10 @@ impl Session {
     /// Whether the frontend gets a REPLY_ACK when it asks for one (the vhost crate's rule:
     /// PROTOCOL_FEATURES offered in a GET_FEATURES answer, REPLY_ACK acked).
     pub(crate) fn reply_ack(&self) -> bool {
-        self.features_read && self.acked_protocol.contains(VhostUserProtocolFeatures::REPLY_ACK)
+        self.features_read
+            && self
+                .acked_protocol
+                .contains(VhostUserProtocolFeatures::REPLY_ACK)
     }
 
     /// Turns a refusal into the vhost crate's error (its REPLY_ACK says failure), kept for
@@ -206,8 +209,6 @@ impl Session {
             (kick.as_raw_fd(), v.get_queue().ready() && v.is_enabled())
         };
         if live {
-            // Handed over before the kick watch_queue counts, whose drain recovers.
-            self.start_inflight(q);
             self.loops[thread]
                 .watch_queue(local, fd)
                 .map_err(|source| SessionError::Watch { index: q, source })
@@ -217,9 +218,9 @@ impl Session {
         }
     }
 
-    /// A queue that starts with an inflight region: its part goes to its iothread, which
-    /// recovers at its first drain. A queue whose size is not the region's is not tracked
-    /// (entries and used slots would not line up).
+    /// A queue about to start (its ring made ready or enabled): with an inflight region, its
+    /// part goes to its iothread first, so that nothing is popped untracked; the queue's
+    /// first drain recovers from it.
     fn start_inflight(&mut self, q: usize) {
         let Some(region) = &self.inflight else {
             return;
@@ -228,15 +229,6 @@ impl Session {
             return;
         }
         self.inflight_started[q] = true;
-        let size = self.vrings[q].get_ref().get_queue().size();
-        if size != region.queue_size() {
-            log::warn!(
-                "queue {q}: its size {size} is not the inflight region's {}: its requests are \
-                 not tracked for a restart",
-                region.queue_size()
-            );
-            return;
-        }
         let Some(part) = region.queue(q as u16) else {
             log::warn!(
                 "queue {q}: the inflight region has {} queues: its requests are not tracked \
@@ -245,9 +237,10 @@ impl Session {
             );
             return;
         };
+        let size = region.queue_size();
         let (thread, local) = self.device.0.placement[q];
         self.device.control(thread).inflight[local] =
-            Some(QueueInflight::new(part, self.inflight_handed_back));
+            Some(QueueInflight::new(part, size, self.inflight_handed_back));
     }
 
     /// A stopped queue: its iothread gives its part of the region back (nothing of the
@@ -328,6 +321,7 @@ impl Session {
         // SET_VRING_ENABLE (vhost-user "Ring states").
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
             for q in 0..self.vrings.len() {
+                self.start_inflight(q);
                 self.vrings[q].set_enabled(true);
                 self.update_watch(q)?;
             }
@@ -416,7 +410,9 @@ impl Session {
         // that the base answered is true.
         vring.set_queue_ready(false);
         self.update_watch(q)?;
-        self.device.stop_vring(index).map_err(SessionError::Device)?;
+        self.device
+            .stop_vring(index)
+            .map_err(SessionError::Device)?;
         let next_avail = self.vrings[q].queue_next_avail();
         self.take_back_inflight(q);
         self.unwatch(q);
@@ -441,13 +437,17 @@ impl Session {
         vring.set_kick(file);
         // A kick fd starts the ring (vhost-user "Ring states").
         if has_kick && !vring.get_ref().get_queue().ready() {
-            vring.set_queue_ready(true);
+            self.start_inflight(q);
+            self.vrings[q].set_queue_ready(true);
         }
         self.update_watch(q)
     }
 
     fn set_vring_enable_(&mut self, index: u32, enable: bool) -> Result<(), SessionError> {
         let q = self.queue(index)?;
+        if enable {
+            self.start_inflight(q);
+        }
         self.vrings[q].set_enabled(enable);
         self.update_watch(q)
     }
@@ -588,12 +588,16 @@ impl VhostUserBackendReqHandlerMut for Session {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
-        let r = self.queue(u32::from(index)).map(|q| self.vrings[q].set_call(fd));
+        let r = self
+            .queue(u32::from(index))
+            .map(|q| self.vrings[q].set_call(fd));
         self.answer("SET_VRING_CALL", r)
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
-        let r = self.queue(u32::from(index)).map(|q| self.vrings[q].set_err(fd));
+        let r = self
+            .queue(u32::from(index))
+            .map(|q| self.vrings[q].set_err(fd));
         self.answer("SET_VRING_ERR", r)
     }
 
@@ -638,7 +642,10 @@ impl VhostUserBackendReqHandlerMut for Session {
     }
 
     fn set_backend_req_fd(&mut self, backend: Backend) {
-        if self.acked_protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        if self
+            .acked_protocol
+            .contains(VhostUserProtocolFeatures::REPLY_ACK)
+        {
             backend.set_reply_ack_flag(true);
         }
         self.device.set_backend_req_fd(backend);

@@ -177,7 +177,11 @@ fn a_queue_index_out_of_range_gets_an_error_reply_and_the_connection_goes_on() {
         "a queue size that is not a power of two must be refused"
     );
     assert_eq!(wce(&mut f), 1, "GET_CONFIG, same connection");
-    assert_eq!(backend.frontend_info().connections, 1, "still the first connection");
+    assert_eq!(
+        backend.frontend_info().connections,
+        1,
+        "still the first connection"
+    );
     eventually("the server still answers", || backend.write_cache_enabled());
 }
 
@@ -196,9 +200,14 @@ fn send_raw(s: &mut std::os::unix::net::UnixStream, code: u32, flags: u32, body:
 fn read_u64_reply(s: &mut std::os::unix::net::UnixStream, code: u32) -> u64 {
     use std::io::Read;
     let mut reply = [0u8; 20];
-    s.read_exact(&mut reply).expect("a reply, not a hang or EOF");
+    s.read_exact(&mut reply)
+        .expect("a reply, not a hang or EOF");
     assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), code);
-    assert_eq!(u32::from_le_bytes(reply[4..8].try_into().unwrap()) & 0x4, 0x4, "REPLY");
+    assert_eq!(
+        u32::from_le_bytes(reply[4..8].try_into().unwrap()) & 0x4,
+        0x4,
+        "REPLY"
+    );
     assert_eq!(u32::from_le_bytes(reply[8..12].try_into().unwrap()), 8);
     u64::from_le_bytes(reply[12..20].try_into().unwrap())
 }
@@ -222,7 +231,11 @@ fn requests_the_vhost_crate_refuses_itself_get_an_error_ack_and_the_connection_g
     assert_eq!(read_u64_reply(&mut s, 16), 0, "accepted");
     // An unknown request with a body: refused, body skipped.
     send_raw(&mut s, 99, NEED_REPLY, &[0xee; 24]);
-    assert_ne!(read_u64_reply(&mut s, 99), 0, "an unknown request is a failure");
+    assert_ne!(
+        read_u64_reply(&mut s, 99),
+        0,
+        "an unknown request is a failure"
+    );
     // SET_CONFIG without CONFIG negotiated (offset 0, size 1, flags 0, one byte).
     let mut config = Vec::new();
     config.extend_from_slice(&0u32.to_le_bytes());
