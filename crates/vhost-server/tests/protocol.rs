@@ -248,3 +248,64 @@ fn requests_the_vhost_crate_refuses_itself_get_an_error_ack_and_the_connection_g
     send_raw(&mut s, 1, 0, &[]);
     assert_eq!(read_u64_reply(&mut s, 1), features);
 }
+
+fn memfd(len: u64) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a NUL-terminated literal name; the call only creates a descriptor.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len).expect("size the memfd");
+    file
+}
+
+fn region(gpa: u64, len: u64, user: u64, file: &std::fs::File) -> vhost::VhostUserMemoryRegionInfo {
+    use std::os::fd::AsRawFd;
+    vhost::VhostUserMemoryRegionInfo {
+        guest_phys_addr: gpa,
+        memory_size: len,
+        userspace_addr: user,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    }
+}
+
+/// A memory table is checked before it is mapped: a region past the end of its file (which
+/// would SIGBUS the server on first touch) or overlapping another is refused with an error
+/// reply, the table stays as it was, and the connection goes on.
+#[test]
+fn bad_memory_tables_are_refused_and_the_connection_goes_on() {
+    const MIB: u64 = 1 << 20;
+    let (_backend, socket, _dir) = server(true);
+    let mut f = frontend(&socket, |offered| offered);
+    let short = memfd(MIB);
+    assert!(
+        f.set_mem_table(&[region(0, 2 * MIB, 0x7000_0000, &short)])
+            .is_err(),
+        "a region past the end of its file"
+    );
+    let (a, b) = (memfd(2 * MIB), memfd(2 * MIB));
+    assert!(
+        f.set_mem_table(&[
+            region(0, 2 * MIB, 0x7000_0000, &a),
+            region(MIB, 2 * MIB, 0x8000_0000, &b),
+        ])
+        .is_err(),
+        "regions overlapping in guest addresses"
+    );
+    assert!(
+        f.set_mem_table(&[
+            region(0, 2 * MIB, 0x7000_0000, &a),
+            region(4 * MIB, 2 * MIB, 0x7000_1000, &b),
+        ])
+        .is_err(),
+        "regions overlapping in frontend addresses"
+    );
+    f.set_mem_table(&[
+        region(0, 2 * MIB, 0x7000_0000, &a),
+        region(4 * MIB, 2 * MIB, 0x8000_0000, &b),
+    ])
+    .expect("a good table, same connection");
+    assert_eq!(wce(&mut f), 1, "still served");
+}
