@@ -1,5 +1,5 @@
-//! Pinning an iothread to its CPU, once, on the first event it handles (the library creates
-//! the worker threads; this is the first code of ours they run).
+//! Pinning an iothread to its CPU, once, on the first event it handles (a connection's event
+//! loop thread, event_loop.rs, pins itself there).
 
 use std::cell::Cell;
 

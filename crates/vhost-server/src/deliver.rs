@@ -50,22 +50,46 @@ impl IoThread {
                     let old = q.next_used();
                     let event_idx = q.event_idx_enabled();
                     let mut next = old;
+                    self.published.clear();
                     for c in mine {
                         if used.put(next, c.head, c.used_len) {
                             next = next.wrapping_add(1);
+                            self.published.push(c.head);
                         } else {
                             log::warn!("queue {}: completion for head {} dropped", c.queue, c.head);
                         }
                     }
+                    // The inflight region's order (vhost-inflight): last head, the used index,
+                    // then the heads cleared.
+                    let mut inflight = self.inflight[local].as_mut().map(|i| &mut i.part);
+                    if let (Some(inflight), Some(&last)) =
+                        (inflight.as_deref_mut(), self.published.last())
+                    {
+                        inflight.before_publish(last);
+                    }
                     used.publish(next);
+                    if let Some(inflight) = inflight {
+                        inflight.after_publish(&self.published, next);
+                    }
                     v.get_queue_mut().set_next_used(next);
                     used.needs_notification(event_idx, old, next)
                 }
                 // A used ring that spans regions (or none mapped yet): the library's path.
                 None => {
+                    let mut inflight = self.inflight[local].as_mut().map(|i| &mut i.part);
                     for c in mine {
-                        if let Err(e) = v.get_queue_mut().add_used(&*mem, c.head, c.used_len) {
-                            log::warn!("queue {}: add_used failed: {e}", c.queue);
+                        // add_used publishes each element: the region follows one by one.
+                        if let Some(inflight) = inflight.as_deref_mut() {
+                            inflight.before_publish(c.head);
+                        }
+                        match v.get_queue_mut().add_used(&*mem, c.head, c.used_len) {
+                            Ok(()) => {
+                                if let Some(inflight) = inflight.as_deref_mut() {
+                                    let next = v.get_queue().next_used();
+                                    inflight.after_publish(&[c.head], next);
+                                }
+                            }
+                            Err(e) => log::warn!("queue {}: add_used failed: {e}", c.queue),
                         }
                     }
                     v.needs_notification().unwrap_or(true)

@@ -2,21 +2,19 @@
 //! behind their locks and control ports) and the control path: connection start and end,
 //! quiesce, statistics.
 
-use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use blk_proto::{DeviceConfig, VIRTIO_BLK_ID_BYTES};
 use engine::{Engine, EngineConfig, QueueStats, Storage};
-use vhost_user_backend::{ShutdownHandle, VringEpollHandler};
-use vmm_sys_util::epoll::EventSet;
 
 use crate::backend_req::BackendChannel;
 use crate::cache_mode::CacheMode;
 use crate::control::{self, ControlError, ControlMsg, ControlPort};
 use crate::iothread::IoThread;
 use crate::placement::{placement, queue_masks};
+use crate::serve::ConnectionHandle;
 use crate::{ServerConfig, ServerError};
 
 pub(crate) struct Inner {
@@ -51,7 +49,7 @@ pub(crate) struct Inner {
     /// under this lock, so that none is posted after the loops ended and left unanswered.
     pub(crate) live: Mutex<bool>,
     /// Ends the current connection (an iothread that cannot go on asks for it).
-    pub(crate) connection: Mutex<Option<ShutdownHandle>>,
+    pub(crate) connection: Mutex<Option<ConnectionHandle>>,
     /// The frontend as the operator sees it (control socket `info`).
     pub(crate) frontend: crate::frontend::Frontend,
 }
@@ -62,12 +60,13 @@ pub(crate) struct Inner {
 #[error("in-flight I/O did not finish ({}); its guest memory stays mapped", .0.join("; "))]
 pub struct QuiesceError(Vec<String>);
 
-/// uringblk's vhost-user-blk device (the `VhostUserBackend` the library's daemon drives):
-/// cheap to clone, shared by the daemon's threads.
+/// uringblk's vhost-user-blk device: what the vhost-user session (session.rs) asks it, through
+/// the `VhostUserBackend` trait, and the iothreads' dispatch; cheap to clone, shared by the
+/// protocol thread and the iothreads.
 #[derive(Clone)]
 pub struct VhostUserBlk(pub(crate) Arc<Inner>);
 
-/// Epoll data of the completion eventfd: above every queue index, as the library requires.
+/// Epoll data of the completion eventfd: above every queue index and the exit eventfd's.
 pub(crate) fn completion_event(num_queues: usize) -> u16 {
     num_queues as u16 + 1
 }
@@ -141,6 +140,7 @@ impl VhostUserBlk {
                 engine,
                 max_requests,
                 cfg.device.clone(),
+                m.count_ones() as usize,
             )));
         }
         let cpus = (0..cfg.iothreads)
@@ -185,29 +185,16 @@ impl VhostUserBlk {
         guard
     }
 
-    /// Adds each iothread's completion and control eventfds to that thread's epoll, and
-    /// from then on sends control work to the iothreads. Call once per daemon (a new daemon
-    /// serves each connection), before it starts; [`VhostUserBlk::connection_closed`] after.
-    pub fn register_completion_fds(
-        &self,
-        handlers: &[Arc<VringEpollHandler<Self>>],
-    ) -> io::Result<()> {
+    /// A connection's event loops (one per iothread, event_loop.rs) are running: from now on
+    /// control work goes to them. [`VhostUserBlk::connection_closed`] once they ended.
+    pub(crate) fn loops_started(&self) {
         // A new frontend: its driver starts from the configured cache mode.
         self.0.cache.reset();
-        let n = self.0.device.num_queues as usize;
-        for (i, h) in handlers.iter().enumerate() {
+        for port in &self.0.ports {
             // A message whose caller gave up on the last connection's thread means nothing now.
-            self.0.ports[i].discard_stale();
-            let fd = self.control(i).engine.eventfd();
-            h.register_listener(fd, EventSet::IN, u64::from(completion_event(n)))?;
-            h.register_listener(
-                self.0.ports[i].eventfd(),
-                EventSet::IN,
-                u64::from(control_event(n)),
-            )?;
+            port.discard_stale();
         }
         *self.live() = true;
-        Ok(())
     }
 
     /// The connection's event loops have ended: control work is done in place again, and a
@@ -286,9 +273,9 @@ impl VhostUserBlk {
         }
     }
 
-    /// The connection the daemon just accepted: an iothread that cannot go on ends it.
-    pub fn connection_started(&self, handle: Option<ShutdownHandle>) {
-        *self.0.connection.lock().unwrap_or_else(|p| p.into_inner()) = handle;
+    /// The connection just accepted: an iothread that cannot go on ends it.
+    pub(crate) fn connection_started(&self, handle: ConnectionHandle) {
+        *self.0.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         self.0.frontend.connected();
     }
 

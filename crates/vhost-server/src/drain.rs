@@ -9,8 +9,10 @@ use virtio_queue::QueueT;
 
 use blk_proto::{ChainError, DrainEnd, DrainSink, ParseError, Request};
 use engine::Engine;
+use vhost_inflight::InflightQueue;
 
 use crate::device::Inner;
+use crate::inflight::Start;
 use crate::iothread::IoThread;
 use crate::{GuestMem, Vring};
 
@@ -21,6 +23,10 @@ struct EngineSink<'a> {
     vring: &'a mut vhost_user_backend::VringState<GuestMem>,
     queue: u16,
     malformed_logged: &'a mut u64,
+    /// The queue's part of the inflight region, if INFLIGHT_SHMFD is in use.
+    inflight: Option<&'a mut InflightQueue>,
+    /// Mark popped heads in flight (not for resubmitted ones: they still are).
+    mark: bool,
 }
 
 impl DrainSink for EngineSink<'_> {
@@ -43,6 +49,12 @@ impl DrainSink for EngineSink<'_> {
         walk_error: Option<ChainError>,
     ) {
         let queue = self.queue;
+        // In pop order, before the request can be submitted (or answered).
+        if self.mark {
+            if let Some(inflight) = self.inflight.as_deref_mut() {
+                inflight.popped(head);
+            }
+        }
         let e = match result {
             Ok(()) => return self.engine.enqueue(req, queue, head),
             Err(e) => e,
@@ -61,8 +73,17 @@ impl DrainSink for EngineSink<'_> {
             }
         }
         self.engine.discard_malformed(req, queue);
-        if let Err(e) = self.vring.add_used(head, 0) {
-            log::warn!("queue {queue}: add_used failed: {e}");
+        if let Some(inflight) = self.inflight.as_deref_mut() {
+            inflight.before_publish(head);
+        }
+        match self.vring.add_used(head, 0) {
+            // add_used published it: the region follows, as after a delivered batch.
+            Ok(()) => {
+                if let Some(inflight) = self.inflight.as_deref_mut() {
+                    inflight.after_publish(&[head], self.vring.get_queue().next_used());
+                }
+            }
+            Err(e) => log::warn!("queue {queue}: add_used failed: {e}"),
         }
     }
 }
@@ -101,6 +122,10 @@ impl IoThread {
             return;
         };
         let mut v = vring.get_mut();
+        // A disabled ring is not served (vhost-user "Ring states"), polled or kicked.
+        if !v.is_enabled() {
+            return;
+        }
         self.throttled &= !(1 << local);
         let Some(ring) = split_ring(v.get_queue()) else {
             return;
@@ -109,6 +134,46 @@ impl IoThread {
         let ring = ring.map(regions);
         // Pairs with the Release store of a resize, which follows the storage's growth.
         self.device.capacity_sectors = inner.capacity_sectors.load(Ordering::Acquire);
+        if let Some(inflight) = self.inflight[local].as_mut() {
+            let q = v.get_queue();
+            match inflight.start(regions, q.used_ring(), q.size(), queue) {
+                Start::From {
+                    next_avail,
+                    next_used,
+                } => {
+                    let q = v.get_queue_mut();
+                    q.set_next_avail(next_avail);
+                    q.set_next_used(next_used);
+                }
+                Start::AsIs => {}
+                Start::Untracked => self.inflight[local] = None,
+            }
+        }
+        if let Some(inflight) = self.inflight[local].as_mut() {
+            // What an earlier server left in flight goes first, in counter order.
+            while let Some(head) = inflight.next_resubmit() {
+                if !self.engine.can_accept() {
+                    self.throttled |= 1 << local;
+                    return;
+                }
+                let Some(mut request) = self.engine.take_request() else {
+                    self.throttled |= 1 << local;
+                    return;
+                };
+                let mut walk = ring.chain(head);
+                let result = blk_proto::parse_walk(&mut walk, &self.device, &mut request);
+                let mut sink = EngineSink {
+                    engine: &mut self.engine,
+                    vring: &mut v,
+                    queue,
+                    malformed_logged: &mut self.malformed_logged,
+                    inflight: Some(&mut inflight.part),
+                    mark: false,
+                };
+                sink.popped(head, request, result, walk.error());
+                inflight.resubmitted();
+            }
+        }
         loop {
             if let Err(e) = v.disable_notification() {
                 log::warn!("queue {queue}: cannot disable notifications: {e}");
@@ -120,6 +185,8 @@ impl IoThread {
                     vring: &mut v,
                     queue,
                     malformed_logged: &mut self.malformed_logged,
+                    inflight: self.inflight[local].as_mut().map(|i| &mut i.part),
+                    mark: true,
                 };
                 blk_proto::drain(&ring, &self.device, &mut next_avail, &mut sink)
             };
@@ -167,10 +234,11 @@ fn avail_pending(
     regions: &blk_proto::GuestRegions,
 ) -> bool {
     let q = v.get_queue();
-    split_ring(q).is_some_and(|ring| {
-        ring.avail_idx(regions)
-            .is_ok_and(|idx| idx != q.next_avail())
-    })
+    v.is_enabled()
+        && split_ring(q).is_some_and(|ring| {
+            ring.avail_idx(regions)
+                .is_ok_and(|idx| idx != q.next_avail())
+        })
 }
 
 /// Where the walker finds the queue's rings; None while the queue cannot be popped (not

@@ -8,6 +8,7 @@ use engine::Engine;
 
 use crate::control::{ControlMsg, ControlPort};
 use crate::guest_memory::host_regions;
+use crate::inflight::QueueInflight;
 use crate::ratelimit::{error_limited, RateLimit};
 use crate::GuestMem;
 
@@ -50,10 +51,19 @@ pub(crate) struct IoThread {
     pub(crate) failed: Option<String>,
     /// Engine errors, logged a few per second.
     pub(crate) engine_errors: RateLimit,
+    /// Per local queue: its part of the inflight region, while the queue runs with one.
+    pub(crate) inflight: Vec<Option<QueueInflight>>,
+    /// Scratch: the heads of one queue's delivered batch (reused, never shrinks).
+    pub(crate) published: Vec<u16>,
 }
 
 impl IoThread {
-    pub(crate) fn new(engine: Engine, max_requests: usize, device: DeviceConfig) -> IoThread {
+    pub(crate) fn new(
+        engine: Engine,
+        max_requests: usize,
+        device: DeviceConfig,
+        queues: usize,
+    ) -> IoThread {
         IoThread {
             engine,
             device,
@@ -69,6 +79,8 @@ impl IoThread {
             connection_over: false,
             failed: None,
             engine_errors: RateLimit::new(),
+            inflight: (0..queues).map(|_| None).collect(),
+            published: Vec::with_capacity(max_requests),
         }
     }
 

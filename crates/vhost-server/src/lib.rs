@@ -1,21 +1,29 @@
-//! The vhost-user-blk device. `vhost-user-backend`'s daemon handles the protocol (socket,
-//! memory table, vring setup); [`VhostUserBlk`] answers its questions (features, config space,
-//! queue to iothread map) and runs the data path on its worker threads, which are our
-//! iothreads:
+//! The vhost-user-blk device. The protocol is served here: [`serve`] accepts one frontend at
+//! a time and hands its requests to the `vhost` crate's `BackendReqHandler`, which calls our
+//! [`session`] (owner, features, memory table, vrings, the inflight region); the session asks
+//! [`VhostUserBlk`] what is about the device (features, config space, memory for the
+//! iothreads, waiting for a stopped queue). Each iothread runs an [`event_loop`] per
+//! connection, and the data path on it:
 //!
 //! kick -> [`VhostUserBlk::handle_event`](vhost_user_backend::VhostUserBackend::handle_event)
 //! -> drain the queue with notifications off, parse each chain (`blk_proto::parse_walk`) into a
-//! pooled request, hand it to the thread's `engine::Engine` -> one submit for the batch ->
-//! completions (the engine's eventfd wakes the same thread) -> `add_used` -> signal the guest
-//! once per batch, only if EVENT_IDX says it must.
+//! pooled request (marked in flight in the inflight region, if there is one), hand it to the
+//! thread's `engine::Engine` -> one submit for the batch -> completions (the engine's eventfd
+//! wakes the same thread) -> used ring -> signal the guest once per batch, only if EVENT_IDX
+//! says it must.
 //!
-//! One job per file: [`device`] (the shared state and the control path), [`vhost_user`] (the
-//! `VhostUserBackend` trait impl and the event dispatch), [`placement`] (queues to iothreads),
-//! [`affinity`] (CPU pinning), [`cache_mode`] (the negotiated write cache mode), [`iothread`] (one iothread's state), [`guest_memory`] (which
-//! mappings in-flight requests keep alive), [`drain`] (avail ring -> engine), [`poll`]
+//! One job per file: [`serve`] (the connection loop), [`next_request`] (the next request's
+//! header, read ahead, and the error replies the vhost crate does not send), [`session`] (the
+//! protocol state and the answer to each request), [`mem_table`] (the memory table checked
+//! and mapped), [`event_loop`] (an iothread's epoll loop), [`device`] (the shared state and
+//! the control path), [`vhost_user`] (the device's side: the `VhostUserBackend` trait impl and
+//! the event dispatch), [`placement`] (queues to iothreads), [`affinity`] (CPU pinning),
+//! [`cache_mode`] (the negotiated write cache mode), [`iothread`] (one iothread's state),
+//! [`guest_memory`] (which mappings in-flight requests keep alive), [`drain`] (avail ring ->
+//! engine), [`inflight`] (recovery and resubmission from the inflight region), [`poll`]
 //! (busy-polling), [`deliver`] (completions -> used ring), [`control`] (messages to an
-//! iothread), [`serve`] (the connection loop), [`resize`] (growing the disk while it is
-//! served), [`backend_req`] (the backend-request channel: config change messages).
+//! iothread), [`resize`] (growing the disk while it is served), [`backend_req`] (the
+//! backend-request channel: config change messages).
 
 mod affinity;
 mod backend_req;
@@ -24,14 +32,19 @@ mod control;
 mod deliver;
 mod device;
 mod drain;
+mod event_loop;
 mod frontend;
 mod guest_memory;
+mod inflight;
 mod iothread;
+mod mem_table;
+mod next_request;
 mod placement;
 mod poll;
 mod ratelimit;
 mod resize;
 mod serve;
+mod session;
 mod vhost_user;
 
 use std::io;

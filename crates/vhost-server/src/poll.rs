@@ -42,11 +42,15 @@ impl IoThread {
         vrings: &[Vring],
         first_queue: usize,
     ) {
-        // Only started queues: a stopped one has no rings to look at or write to.
+        // Only started and enabled queues: a stopped one has no rings to look at or write
+        // to, a disabled one is not served.
         let ready: u64 = vrings
             .iter()
             .enumerate()
-            .filter(|(_, v)| v.get_ref().get_queue().ready())
+            .filter(|(_, v)| {
+                let v = v.get_ref();
+                v.get_queue().ready() && v.is_enabled()
+            })
             .fold(0, |m, (i, _)| m | 1 << i);
         for (local, vring) in vrings.iter().enumerate() {
             if ready & (1 << local) != 0 {

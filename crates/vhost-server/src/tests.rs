@@ -284,8 +284,8 @@ fn a_driver_with_flush_and_config_wce_switches_the_cache_and_reset_restores_it()
 
 #[test]
 fn an_event_for_an_unknown_thread_does_not_end_the_worker() {
-    // An Err would end the library's worker thread without a word: it is handled instead
-    // (logged, the connection asked to end).
+    // An Err would end the event loop and the connection: it is handled instead (logged,
+    // the connection asked to end).
     let b = backend(1, 1);
     assert!(b.handle_event(0, EventSet::IN, &[], 7).is_ok());
 }

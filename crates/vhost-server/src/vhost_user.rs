@@ -1,5 +1,7 @@
-//! The `VhostUserBackend` trait impl: what the library's daemon asks (features, config space,
-//! memory table, stop) and the event dispatch of the iothreads (`handle_event`).
+//! The device's side of the protocol, as vhost-user-backend's `VhostUserBackend` trait (kept as
+//! the interface between our session and the device; the library's daemon is not used):
+//! what the session (session.rs) asks (features, config space, memory table, stop) and the
+//! event dispatch of the iothreads' loops (`handle_event`, event_loop.rs).
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -10,9 +12,6 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::Backend;
 use vhost_user_backend::VhostUserBackend;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
 use crate::control::{ControlError, ControlMsg};
 use crate::device::{completion_event, control_event, VhostUserBlk, MEMORY_TIMEOUT};
@@ -45,6 +44,7 @@ impl VhostUserBackend for VhostUserBlk {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             // The channel for config change messages (resize).
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -118,10 +118,6 @@ impl VhostUserBackend for VhostUserBlk {
         self.0.masks.clone()
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
-    }
-
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // GET_VRING_BASE: the frontend reads next_avail after this returns, so every request
         // of the queue must be completed and on the used ring first.
@@ -138,8 +134,8 @@ impl VhostUserBackend for VhostUserBlk {
             }
             if Instant::now() > deadline {
                 // The frontend must not restart the ring from a base that requests still in
-                // flight will overtake: fail GET_VRING_BASE (the library then ends the
-                // connection) rather than answer a base that is not true.
+                // flight will overtake: fail GET_VRING_BASE (its reply has no error form,
+                // so the connection ends: serve.rs) rather than answer a base that is not true.
                 log::error!(
                     "queue {queue_index}: {in_flight} requests still in flight after \
                      {STOP_TIMEOUT:?} at GET_VRING_BASE: failing it"
@@ -160,8 +156,8 @@ impl VhostUserBackend for VhostUserBlk {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        // An Err here would end the library's worker thread without a word (its result is
-        // never looked at): every error is handled here, survived or made loud.
+        // Every error is handled here, survived or made loud: an Err would end the event
+        // loop (event_loop.rs), and with it the connection.
         let inner = &*self.0;
         if thread_id >= inner.threads.len() {
             self.end_connection(&format!(

@@ -1,0 +1,311 @@
+//! In-flight I/O survives a `kill -9` of the server (issue 10, item 2, protocol level): the
+//! real binary serves a test frontend that behaves as QEMU does across a backend crash
+//! (restart_support). Large writethrough writes to an O_DIRECT image on a real disk are
+//! published with small reads behind them, in one batch; once the reads have completed with
+//! writes still in flight (completions out of order) the server is killed, started again on
+//! the same socket and image, and the frontend reconnects with the same memory, rings and
+//! inflight region (each vring base = its used index). Every request must then complete
+//! exactly once (the used rings across both lives: no id twice, none missing), with status
+//! OK, and what was written must be on the disk.
+
+mod restart_support;
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use restart_support::{Request, TestFrontend};
+
+const MIB: u64 = 1 << 20;
+const WRITES: usize = 4;
+const WRITE_LEN: u32 = 8 << 20;
+const READS: usize = 8;
+const READ_LEN: u32 = 4096;
+const IMAGE_LEN: u64 = 64 * MIB;
+/// Where on the disk the reads read (prefilled), past the written area.
+const READ_AREA: u64 = 48 * MIB;
+/// Guest memory: rings and headers below 2 MiB, write data, then read buffers.
+const WRITE_DATA: u64 = 2 * MIB;
+const READ_DATA: u64 = 40 * MIB;
+const GUEST_LEN: usize = 48 << 20;
+/// Tries of the kill before the test says the race never landed.
+const ATTEMPTS: usize = 6;
+
+fn disk_byte(offset: u64) -> u8 {
+    ((offset / 512) as u8) ^ 0x5a
+}
+
+fn write_byte(write: usize, pos: usize) -> u8 {
+    ((pos / 512) as u8).wrapping_mul(3) ^ (0xa0 + write as u8)
+}
+
+/// A server process with its log (stderr) in a file.
+struct Server {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(socket: &Path, image: &Path, queues: u16, log: PathBuf) -> Server {
+        let err = File::create(&log).expect("server log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_uringblk"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("--image")
+            .arg(image)
+            .args(["--writethrough", "--queue-size", "128", "--queues"])
+            .arg(queues.to_string())
+            .args(["--iothreads", &queues.min(2).to_string()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn uringblk");
+        Server { child, log }
+    }
+
+    fn kill9(&mut self) {
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: as in kill9.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        for _ in 0..1000 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Requests the server said it resubmitted, summed over its queues.
+    fn resubmitted(&self) -> usize {
+        self.log_text()
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split("resubmitted ").nth(1)?;
+                rest.strip_suffix(" requests in flight when the last server stopped")?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Per queue: its requests (writes first, then reads), spread round-robin over the queues.
+fn plan(queues: u16) -> Vec<Vec<(Request, Expect)>> {
+    let mut per_queue: Vec<Vec<(Request, Expect)>> = vec![Vec::new(); queues as usize];
+    for w in 0..WRITES {
+        let r = Request {
+            write: true,
+            offset: w as u64 * u64::from(WRITE_LEN),
+            data: WRITE_DATA + w as u64 * u64::from(WRITE_LEN),
+            len: WRITE_LEN,
+        };
+        per_queue[w % queues as usize].push((r, Expect::Write(w)));
+    }
+    for n in 0..READS {
+        let r = Request {
+            write: false,
+            offset: READ_AREA + n as u64 * 64 * 1024,
+            data: READ_DATA + n as u64 * u64::from(READ_LEN),
+            len: READ_LEN,
+        };
+        per_queue[n % queues as usize].push((r, Expect::Read));
+    }
+    per_queue
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    Write(usize),
+    Read,
+}
+
+struct Outcome {
+    completed_before_kill: usize,
+    writes_completed_before_kill: usize,
+    resubmitted: usize,
+}
+
+/// One try: None when the race was lost (every write had completed before the kill).
+fn attempt(queues: u16, dir: &Path) -> Option<Outcome> {
+    let image = dir.join("disk.img");
+    let socket = dir.join("blk.sock");
+    {
+        let mut f = File::create(&image).expect("image");
+        f.set_len(IMAGE_LEN).expect("size image");
+        let area: Vec<u8> = (0..MIB).map(|i| disk_byte(READ_AREA + i)).collect();
+        use std::io::{Seek, SeekFrom, Write};
+        f.seek(SeekFrom::Start(READ_AREA)).unwrap();
+        f.write_all(&area).unwrap();
+        f.sync_all().unwrap();
+    }
+    let plan = plan(queues);
+    let mut fe = TestFrontend::new(GUEST_LEN, queues);
+    for (r, e) in plan.iter().flatten() {
+        if let Expect::Write(w) = e {
+            fe.mem
+                .fill_with(r.data, r.len as usize, |pos| write_byte(*w, pos));
+        }
+    }
+    let mut first = Server::start(&socket, &image, queues, dir.join("first.log"));
+    fe.connect(&socket);
+    let mut heads = Vec::new();
+    for (q, reqs) in plan.iter().enumerate() {
+        let requests: Vec<Request> = reqs.iter().map(|(r, _)| *r).collect();
+        heads.push(fe.queues[q].publish(&fe.mem, &requests));
+    }
+    // The reads sit behind the writes on their rings: wait until every read is on its used
+    // ring, then kill at once.
+    let reads_done = |fe: &TestFrontend| {
+        plan.iter().enumerate().all(|(q, reqs)| {
+            let used = fe.queues[q].used_ids(&fe.mem);
+            reqs.iter()
+                .zip(&heads[q])
+                .filter(|((_, e), _)| matches!(e, Expect::Read))
+                .all(|(_, h)| used.contains(h))
+        })
+    };
+    let landed = fe.wait_until(Duration::from_secs(30), reads_done);
+    first.kill9();
+    assert!(
+        landed,
+        "the reads did not complete within 30 s; server log:\n{}",
+        first.log_text()
+    );
+    fe.disconnect();
+    let mut completed_before_kill = 0;
+    let mut writes_completed_before_kill = 0;
+    for (q, reqs) in plan.iter().enumerate() {
+        let used = fe.queues[q].used_ids(&fe.mem);
+        completed_before_kill += used.len();
+        writes_completed_before_kill += reqs
+            .iter()
+            .zip(&heads[q])
+            .filter(|((_, e), h)| matches!(e, Expect::Write(_)) && used.contains(h))
+            .count();
+    }
+    if writes_completed_before_kill == WRITES {
+        eprintln!("race lost: all {WRITES} writes completed before the kill; trying again");
+        return None;
+    }
+
+    let mut second = Server::start(&socket, &image, queues, dir.join("second.log"));
+    fe.connect(&socket);
+    let all_done = |fe: &TestFrontend| {
+        plan.iter()
+            .enumerate()
+            .all(|(q, reqs)| fe.queues[q].used_idx(&fe.mem) as usize >= reqs.len())
+    };
+    let done = fe.wait_until(Duration::from_secs(60), all_done);
+    // Anything completed twice would show up as more used elements: give it time to.
+    std::thread::sleep(Duration::from_millis(300));
+    for (q, reqs) in plan.iter().enumerate() {
+        let mut used = fe.queues[q].used_ids(&fe.mem);
+        used.sort_unstable();
+        let mut want = heads[q].clone();
+        want.sort_unstable();
+        assert!(
+            done && used == want,
+            "queue {q}: used ring holds {used:?}, each of {want:?} must be there exactly once \
+             ({completed_before_kill} completed before the kill); second server log:\n{}",
+            second.log_text()
+        );
+        for ((r, e), &h) in reqs.iter().zip(&heads[q]) {
+            assert_eq!(
+                fe.queues[q].status(&fe.mem, h),
+                blk_proto::VIRTIO_BLK_S_OK,
+                "queue {q} head {h} ({e:?}) status"
+            );
+            if let Expect::Read = e {
+                let got = fe.mem.read(r.data, r.len as usize);
+                let expect: Vec<u8> = (0..u64::from(r.len))
+                    .map(|i| disk_byte(r.offset + i))
+                    .collect();
+                assert!(
+                    got == expect,
+                    "queue {q} head {h}: the read's data is wrong"
+                );
+            }
+        }
+    }
+    second.stop();
+    let resubmitted = second.resubmitted();
+    assert_eq!(
+        resubmitted,
+        WRITES + READS - completed_before_kill,
+        "the second server resubmits exactly what the first left in flight; its log:\n{}",
+        second.log_text()
+    );
+    // What the writes wrote is on the disk.
+    let mut disk = Vec::new();
+    File::open(&image)
+        .expect("image")
+        .read_to_end(&mut disk)
+        .expect("read image");
+    for w in 0..WRITES {
+        let at = w * WRITE_LEN as usize;
+        let region = &disk[at..at + WRITE_LEN as usize];
+        if let Some(pos) = (0..region.len()).find(|&p| region[p] != write_byte(w, p)) {
+            panic!("write {w}: disk byte {pos} of the written range is wrong");
+        }
+    }
+    Some(Outcome {
+        completed_before_kill,
+        writes_completed_before_kill,
+        resubmitted,
+    })
+}
+
+fn kill_and_restart(queues: u16) {
+    for n in 1..=ATTEMPTS {
+        // A real disk (not tmpfs), so writethrough writes take real time.
+        let dir = tempfile::Builder::new()
+            .prefix("uringblk-restart")
+            .tempdir_in("/var/tmp")
+            .expect("dir under /var/tmp");
+        if let Some(o) = attempt(queues, dir.path()) {
+            eprintln!(
+                "{queues} queue(s), try {n}: {} of {} requests completed before the kill ({} of \
+                 {WRITES} writes); the restarted server resubmitted {}",
+                o.completed_before_kill,
+                WRITES + READS,
+                o.writes_completed_before_kill,
+                o.resubmitted
+            );
+            return;
+        }
+    }
+    panic!("in {ATTEMPTS} tries the kill never landed with writes still in flight");
+}
+
+#[test]
+fn requests_in_flight_at_a_kill_9_complete_once_after_the_restart_one_queue() {
+    kill_and_restart(1);
+}
+
+#[test]
+fn requests_in_flight_at_a_kill_9_complete_once_after_the_restart_two_queues() {
+    kill_and_restart(2);
+}
