@@ -23,10 +23,60 @@ pub struct Cli {
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present = "null",
+        required_unless_present_any = ["null", "rbd"],
         conflicts_with = "null"
     )]
     pub image: Option<PathBuf>,
+
+    /// Serve a Ceph RBD image instead of a file: POOL/IMAGE, or POOL/IMAGE@SNAP to export a
+    /// snapshot (read-only). The cluster is found through --ceph-conf.
+    #[arg(
+        long,
+        value_name = "POOL/IMAGE[@SNAP]",
+        value_parser = parse_rbd_spec,
+        conflicts_with_all = ["null", "image"]
+    )]
+    pub rbd: Option<rbd_backend::RbdImageSpec>,
+
+    /// Ceph configuration (monitor addresses, keyring) for --rbd.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/etc/ceph/ceph.conf",
+        requires = "rbd",
+        conflicts_with_all = ["null", "image"]
+    )]
+    pub ceph_conf: PathBuf,
+
+    /// Ceph client id for --rbd (client.ID's key and capabilities are used).
+    #[arg(
+        long,
+        value_name = "ID",
+        default_value = "admin",
+        requires = "rbd",
+        conflicts_with_all = ["null", "image"]
+    )]
+    pub ceph_id: String,
+
+    /// Keyring for --rbd (instead of the one --ceph-conf names).
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "rbd",
+        conflicts_with_all = ["null", "image"]
+    )]
+    pub ceph_keyring: Option<PathBuf>,
+
+    /// Seconds --rbd waits for the cluster (monitors, pool lookup) before giving up at start.
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=3600),
+        requires = "rbd",
+        conflicts_with_all = ["null", "image"]
+    )]
+    pub ceph_connect_timeout: u64,
 
     /// Create the image as a sparse file of SIZE bytes if it does not exist (suffixes K, M, G, T).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "image")]
@@ -228,6 +278,10 @@ pub fn parse_queue_size(s: &str) -> Result<u16, String> {
     Ok(n)
 }
 
+pub fn parse_rbd_spec(s: &str) -> Result<rbd_backend::RbdImageSpec, String> {
+    rbd_backend::RbdImageSpec::parse(s)
+}
+
 pub fn parse_serial(s: &str) -> Result<String, String> {
     if s.len() > 20 {
         return Err(format!("serial is {} bytes; at most 20 fit", s.len()));
@@ -283,6 +337,50 @@ mod tests {
         assert!(parse_serial("012345678901234567890").is_err());
         assert_eq!(parse_block_size("4096"), Ok(4096));
         assert!(parse_block_size("1024").is_err());
+    }
+
+    #[test]
+    fn rbd_flags_go_with_rbd_only() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["uringblk", "--socket", "/tmp/s"];
+            all.extend(args);
+            Cli::try_parse_from(all)
+        };
+        let cli = parse(&["--rbd", "rbd/disk@snap"]).expect("--rbd alone");
+        let spec = cli.rbd.expect("spec");
+        assert_eq!((spec.pool.as_str(), spec.image.as_str()), ("rbd", "disk"));
+        assert_eq!(spec.snap.as_deref(), Some("snap"));
+        assert_eq!(cli.ceph_conf, PathBuf::from("/etc/ceph/ceph.conf"));
+        assert_eq!(cli.ceph_id, "admin");
+        assert_eq!(cli.ceph_connect_timeout, 10);
+        let cli = parse(&[
+            "--rbd",
+            "p/i",
+            "--ceph-conf",
+            "/c",
+            "--ceph-id",
+            "u",
+            "--ceph-keyring",
+            "/k",
+            "--ceph-connect-timeout",
+            "3",
+        ])
+        .expect("every ceph flag");
+        assert_eq!(cli.ceph_keyring, Some(PathBuf::from("/k")));
+        assert_eq!(cli.ceph_connect_timeout, 3);
+        for bad in [
+            &["--rbd", "nopool"][..],
+            &["--rbd", "p/i", "--image", "/x"],
+            &["--rbd", "p/i", "--null", "1G"],
+            &["--ceph-id", "u"],
+            &["--ceph-conf", "/c", "--null", "1G"],
+            &["--ceph-keyring", "/k", "--image", "/x"],
+            &["--ceph-id", "u", "--image", "/x"],
+            &["--ceph-connect-timeout", "3", "--null", "1G"],
+            &["--rbd", "p/i", "--ceph-connect-timeout", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} must be refused");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! uringblk: serves one disk image (or a null device) over vhost-user-blk. This binary only
-//! wires things together: flags (cli.rs) -> storage backend (engine) -> image lock
+//! uringblk: serves one disk image (a file, a block device, a Ceph RBD image, or a null device)
+//! over vhost-user-blk. This binary only wires things together: flags (cli.rs) -> storage
+//! backend (engine; rbd-backend for --rbd) -> image lock
 //! (image-lock) -> vhost-user backend (vhost-server) -> connection loop, plus logging and
 //! signals.
 
@@ -17,6 +18,7 @@ use blk_proto::DeviceConfig;
 use clap::Parser;
 use engine::{ImageOptions, MergeLimits, Storage};
 use image_lock::{Access, ImageLock, LockError};
+use rbd_backend::{RbdOptions, RbdStorage};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use vhost_server::{ServerConfig, VhostUserBlk};
@@ -39,7 +41,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     // The image lock is held until the process ends, across every reconnect.
-    let (backend, storage, _image_lock) = match build(&cli) {
+    let (backend, storage, _image_lock, rbd) = match build(&cli) {
         Ok(b) => b,
         Err(msg) => {
             eprintln!("uringblk: error: {msg}");
@@ -57,8 +59,11 @@ fn main() -> ExitCode {
     let operator = Arc::new(operator::Operator {
         backend: backend.clone(),
         storage: storage.clone(),
-        image: cli.image.clone(),
-        readonly: cli.readonly,
+        image: cli
+            .image
+            .clone()
+            .or_else(|| cli.rbd.as_ref().map(|s| format!("rbd:{s}").into())),
+        readonly: export_read_only(&cli),
         queues: cli.queues,
         iothreads: iothread_count(&cli),
         logical_block_size: cli.logical_block_size,
@@ -86,6 +91,9 @@ fn main() -> ExitCode {
         }
         None => None,
     };
+    if let Some(rbd) = &rbd {
+        watch_rbd_size(rbd, &backend);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
         let (backend, stop, socket) = (backend.clone(), stop.clone(), cli.socket.clone());
@@ -125,9 +133,56 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// What `build` made: the device, its storage, the image lock, the RBD image if any.
+type Built = (
+    VhostUserBlk,
+    Arc<Storage>,
+    Option<ImageLock>,
+    Option<Arc<RbdStorage>>,
+);
+
+/// --readonly, or a snapshot given to --rbd.
+fn export_read_only(cli: &Cli) -> bool {
+    cli.readonly || cli.rbd.as_ref().is_some_and(|s| s.snap.is_some())
+}
+
+/// An image grown by someone else (`rbd resize`): librbd's header watch wakes a thread that
+/// takes the new size and tells the guest, as `uringblk ctl resize` does.
+fn watch_rbd_size(rbd: &Arc<RbdStorage>, backend: &VhostUserBlk) {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let backend = backend.clone();
+    let thread = std::thread::Builder::new()
+        .name("rbd-watch".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                // One look for a burst of header updates.
+                while rx.try_recv().is_ok() {}
+                let before = backend.capacity_bytes();
+                match backend.resize(None) {
+                    Ok(r) if r.to_bytes != before => {
+                        log::info!("rbd: the image was resized to {} bytes", r.to_bytes)
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::warn!("rbd: after a header update: {e}"),
+                }
+            }
+        });
+    if let Err(e) = thread {
+        log::warn!("rbd: cannot watch the image's size: {e}");
+        return;
+    }
+    let tx = std::sync::Mutex::new(tx);
+    let on_update = move || {
+        let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(());
+    };
+    if let Err(e) = rbd.watch_updates(Box::new(on_update)) {
+        log::warn!("rbd: cannot watch the image's size: {e}");
+    }
+}
+
 /// Checks every flag against the others and the storage, locks the image, then builds the
 /// backend.
-fn build(cli: &Cli) -> Result<(VhostUserBlk, Arc<Storage>, Option<ImageLock>), String> {
+fn build(cli: &Cli) -> Result<Built, String> {
     let cpus = cli.cpus.clone().map(|c| c.0).unwrap_or_default();
     let iothreads = iothread_count(cli);
     if iothreads > cli.queues as usize {
@@ -145,8 +200,27 @@ fn build(cli: &Cli) -> Result<(VhostUserBlk, Arc<Storage>, Option<ImageLock>), S
     if cli.null.is_some() && (cli.direct || cli.buffered) {
         return Err("--direct/--buffered apply to --image, not --null".into());
     }
-    let storage = match (&cli.image, cli.null) {
-        (Some(path), _) => {
+    if cli.rbd.is_some() && (cli.direct || cli.buffered || cli.create.is_some()) {
+        return Err("--direct/--buffered/--create apply to --image, not --rbd".into());
+    }
+    let read_only = export_read_only(cli);
+    let mut rbd = None;
+    let storage = match (&cli.image, cli.null, &cli.rbd) {
+        (None, None, Some(spec)) => {
+            let opts = RbdOptions {
+                spec: spec.clone(),
+                conf: cli.ceph_conf.clone(),
+                id: cli.ceph_id.clone(),
+                keyring: cli.ceph_keyring.clone(),
+                connect_timeout: std::time::Duration::from_secs(cli.ceph_connect_timeout),
+                read_only,
+            };
+            let image = RbdStorage::open(&opts).map_err(|e| e.to_string())?;
+            let capacity = image.size().map_err(|e| e.to_string())?;
+            rbd = Some(image.clone());
+            Storage::external(image, capacity)
+        }
+        (Some(path), _, _) => {
             let opts = ImageOptions {
                 read_only: cli.readonly,
                 direct: !cli.buffered,
@@ -157,8 +231,8 @@ fn build(cli: &Cli) -> Result<(VhostUserBlk, Arc<Storage>, Option<ImageLock>), S
                 .map_err(|e| e.to_string())?;
             b
         }
-        (None, Some(size)) => Storage::null(size),
-        (None, None) => return Err("give --image PATH or --null SIZE".into()),
+        (None, Some(size), _) => Storage::null(size),
+        (None, None, _) => return Err("give --image PATH, --rbd POOL/IMAGE or --null SIZE".into()),
     };
     let image_lock = lock_image(cli)?;
     let capacity = storage.capacity_bytes();
@@ -170,7 +244,7 @@ fn build(cli: &Cli) -> Result<(VhostUserBlk, Arc<Storage>, Option<ImageLock>), S
     }
     let mut device =
         DeviceConfig::new(capacity, cli.logical_block_size, cli.queues, cli.queue_size);
-    device.read_only = cli.readonly;
+    device.read_only = read_only;
     device.discard = !cli.no_discard;
     device.write_zeroes = !cli.no_write_zeroes;
     device.serial = cli.serial.as_bytes().to_vec();
@@ -218,7 +292,7 @@ fn build(cli: &Cli) -> Result<(VhostUserBlk, Arc<Storage>, Option<ImageLock>), S
         iothreads,
         cli.logical_block_size
     );
-    Ok((backend, storage, image_lock))
+    Ok((backend, storage, image_lock, rbd))
 }
 
 /// --iothreads, else one per --cpus entry, else 1.

@@ -8,6 +8,8 @@
 //!   after growing a loop device's file, an LVM extend, ...). Without a size the disk takes
 //!   the device's size (rounded down to the logical block size, as at start); with one, the
 //!   device must be exactly that large, or nothing changes. A device that shrank is refused.
+//! - An external backend (Ceph RBD) grows to a size given, as a file does (rbd_resize); without
+//!   a size it takes the size the image has now (someone ran `rbd resize`), as a block device.
 //! - The same size again changes nothing and tells the guest nothing.
 
 use std::fmt;
@@ -42,8 +44,6 @@ pub enum ResizeError {
          never shrunk, its capacity stays {from} bytes"
     )]
     DeviceShrank { from: u64, device: u64 },
-    #[error("{kind:?} storage cannot be resized")]
-    NotResizable { kind: StorageKind },
     #[error(transparent)]
     Storage(#[from] engine::ResizeError),
 }
@@ -76,7 +76,11 @@ impl ResizePlan {
             }
         };
         match kind {
-            StorageKind::File | StorageKind::Null => {
+            // An external backend (Ceph RBD) grows to a size given, as a file does, or takes
+            // the size its owner gave it (`rbd resize`), as a block device does; one that
+            // cannot be resized says so when asked (engine::ResizeError::NotSupported).
+            StorageKind::External if size.is_none() => Ok(ResizePlan::Reread { expect: None }),
+            StorageKind::File | StorageKind::Null | StorageKind::External => {
                 let to = aligned(size.ok_or(ResizeError::SizeNeeded)?)?;
                 if read_only {
                     return Err(ResizeError::ReadOnly);
@@ -90,7 +94,6 @@ impl ResizePlan {
             StorageKind::BlockDevice => Ok(ResizePlan::Reread {
                 expect: size.map(aligned).transpose()?,
             }),
-            kind @ StorageKind::External => Err(ResizeError::NotResizable { kind }),
         }
     }
 }
@@ -277,8 +280,17 @@ mod tests {
     }
 
     #[test]
-    fn external_storage_is_not_resized() {
-        let e = plan(Some(128 * MIB), StorageKind::External, false).unwrap_err();
-        assert!(e.contains("cannot be resized"), "{e}");
+    fn external_storage_grows_to_a_size_or_takes_the_size_it_has() {
+        assert_eq!(
+            plan(Some(128 * MIB), StorageKind::External, false),
+            Ok(ResizePlan::Grow { to: 128 * MIB })
+        );
+        assert_eq!(
+            plan(None, StorageKind::External, true),
+            Ok(ResizePlan::Reread { expect: None }),
+            "re-reading writes nothing: fine when read-only"
+        );
+        assert!(plan(Some(128 * MIB), StorageKind::External, true).is_err());
+        assert!(plan(Some(32 * MIB), StorageKind::External, false).is_err());
     }
 }

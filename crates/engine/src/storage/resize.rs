@@ -21,13 +21,13 @@ pub enum ResizeError {
     WouldShrink { from: u64, to: u64 },
     #[error("cannot grow the image to {bytes} bytes: {source}")]
     Grow { bytes: u64, source: io::Error },
-    #[error("cannot read the block device's size: {0}")]
+    #[error("cannot read the storage's size: {0}")]
     Size(io::Error),
 }
 
 impl Storage {
     /// Grows a regular file (ftruncate, then fdatasync so the new size is durable before the
-    /// guest is told of it) or the null backend to `bytes`, and records the new capacity.
+    /// guest is told of it), an external backend that can grow, or the null backend to `bytes`, and records the new capacity.
     /// Never shrinks.
     pub fn grow(&self, bytes: u64) -> Result<(), ResizeError> {
         let from = self.capacity_bytes();
@@ -40,15 +40,32 @@ impl Storage {
                 .and_then(|()| file.sync_data())
                 .map_err(|source| ResizeError::Grow { bytes, source })?,
             (StorageKind::Null, _) => {}
+            (StorageKind::External, _) => {
+                match self.external.as_ref().and_then(|e| e.grow(bytes)) {
+                    Some(result) => result.map_err(|source| ResizeError::Grow { bytes, source })?,
+                    None => return Err(ResizeError::NotSupported { kind: self.kind }),
+                }
+            }
             (kind, _) => return Err(ResizeError::NotSupported { kind }),
         }
         self.capacity.store(bytes, Ordering::Release);
         Ok(())
     }
 
-    /// A block device's size now (BLKGETSIZE64), recorded as its capacity: what it is, even if
+    /// A block device's size now (BLKGETSIZE64), or an external backend's (one whose owner
+    /// can grow it: Ceph RBD), recorded as its capacity: what it is, even if
     /// the device shrank (the caller decides what the guest sees).
     pub fn reread_size(&self) -> Result<u64, ResizeError> {
+        if self.kind == StorageKind::External {
+            let size = self
+                .external
+                .as_ref()
+                .and_then(|e| e.current_size())
+                .ok_or(ResizeError::NotSupported { kind: self.kind })?
+                .map_err(ResizeError::Size)?;
+            self.capacity.store(size, Ordering::Release);
+            return Ok(size);
+        }
         let file = match (self.kind, &self.file) {
             (StorageKind::BlockDevice, Some(file)) => file,
             (kind, _) => return Err(ResizeError::NotSupported { kind }),
