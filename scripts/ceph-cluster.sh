@@ -100,6 +100,8 @@ osd max object name len = 256
 osd max object namespace len = 64
 client mount timeout = 10
 rados mon op timeout = 10
+# A killed client's watch (and so its exclusive lock) goes after 5 s, not 30.
+osd client watch timeout = 5
 CONF
     ceph-authtool --create-keyring "$dir/keyring" --gen-key -n client.admin \
         --cap mon 'allow *' --cap osd 'allow *' >/dev/null

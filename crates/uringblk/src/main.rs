@@ -151,13 +151,19 @@ fn export_read_only(cli: &Cli) -> bool {
 fn watch_rbd_size(rbd: &Arc<RbdStorage>, backend: &VhostUserBlk) {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let backend = backend.clone();
+    let image = rbd.clone();
     let thread = std::thread::Builder::new()
         .name("rbd-watch".into())
         .spawn(move || {
+            let rbd = image;
             while rx.recv().is_ok() {
                 // One look for a burst of header updates.
                 while rx.try_recv().is_ok() {}
                 let before = backend.capacity_bytes();
+                // Most header updates (a snapshot, our own resize) leave the size alone.
+                if rbd.size().is_ok_and(|now| now == before) {
+                    continue;
+                }
                 match backend.resize(None) {
                     Ok(r) if r.to_bytes != before => {
                         log::info!("rbd: the image was resized to {} bytes", r.to_bytes)
