@@ -2,8 +2,10 @@
 # Installs the system packages uringblk's tests and benchmarks need (Debian/Ubuntu, as root or
 # with sudo): QEMU for the guest tests, fio and busybox for the guest image, qemu-storage-daemon
 # as the comparison peer, qemu-io/qemu-img and losetup for the image-lock tests, promtool
-# (prometheus) for the metrics test. Already-present
-# tools are not reinstalled. Fails loudly otherwise.
+# (prometheus) for the metrics test; Ceph's ceph-mon, ceph-osd and ceph-common for the
+# single-node cluster of the RBD tests (scripts/ceph-cluster.sh), librbd-dev and librados-dev
+# to build the rbd crate, qemu-block-extra for qemu-storage-daemon's rbd driver (the qsd-rbd
+# bench target). Already-present tools are not reinstalled. Fails loudly otherwise.
 set -euo pipefail
 
 log() { echo "install-deps: $*" >&2; }
@@ -26,6 +28,11 @@ command -v blkdiscard >/dev/null || missing+=(util-linux)
 command -v losetup >/dev/null || missing+=(mount)
 command -v valgrind >/dev/null || missing+=(valgrind)
 command -v promtool >/dev/null || missing+=(prometheus)
+command -v ceph-mon >/dev/null || missing+=(ceph-mon)
+command -v ceph-osd >/dev/null || missing+=(ceph-osd)
+command -v rbd >/dev/null && command -v ceph >/dev/null || missing+=(ceph-common)
+[[ -e /usr/include/rbd/librbd.h && -e /usr/include/rados/librados.h ]] || missing+=(librbd-dev librados-dev)
+dpkg -s qemu-block-extra >/dev/null 2>&1 || missing+=(qemu-block-extra)
 # The benchmark charts need a TrueType font.
 [[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || missing+=(fonts-dejavu-core)
 
@@ -45,7 +52,8 @@ if ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null; then
         qemu-utils >&2 || die "apt-get install qemu-utils failed"
 fi
 
-for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img qemu-io fio blkdiscard losetup promtool; do
+for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img qemu-io fio blkdiscard losetup promtool \
+    ceph-mon ceph-osd ceph rbd; do
     command -v "$tool" >/dev/null || die "$tool is still missing after the install"
 done
 command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
