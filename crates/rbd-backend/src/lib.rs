@@ -56,6 +56,8 @@ pub struct RbdStorage {
     image: Arc<Image>,
     spec: ImageSpec,
     watch: Mutex<Option<UpdateWatch>>,
+    /// Set by [`RbdStorage::close`]: ops are refused from then on.
+    closed: AtomicBool,
 }
 
 impl RbdStorage {
@@ -82,6 +84,7 @@ impl RbdStorage {
             image,
             spec: opts.spec.clone(),
             watch: Mutex::new(None),
+            closed: AtomicBool::new(false),
         };
         if storage.size()? == 0 {
             return Err(RbdBackendError::Empty {
@@ -101,6 +104,12 @@ impl RbdStorage {
 
     /// The image's size in bytes now.
     pub fn size(&self) -> Result<u64, RbdError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(RbdError::Call {
+                call: "rbd_get_size",
+                errno: libc::ESHUTDOWN,
+            });
+        }
         self.image.size()
     }
 
@@ -110,6 +119,23 @@ impl RbdStorage {
         let watch = self.image.update_watch(on_update)?;
         *self.watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(watch);
         Ok(())
+    }
+}
+
+impl RbdStorage {
+    /// At exit, once the device stopped taking requests and nothing is in flight: unwatches
+    /// and closes the image, which releases its exclusive lock (a restarted server, or anyone
+    /// else, can write at once). Ops started later fail with EIO.
+    ///
+    /// # Safety
+    /// No op is in flight and none is being started: the device's begin_stop and a
+    /// successful quiesce came first (an op that still arrives sees `closed` and is refused).
+    pub unsafe fn close(&self) -> Result<(), RbdError> {
+        self.closed.store(true, Ordering::SeqCst);
+        drop(self.watch.lock().unwrap_or_else(|p| p.into_inner()).take());
+        // SAFETY: the caller promises no I/O runs or starts; the watch is gone; `closed`
+        // keeps size/resize/flush from this backend away too.
+        unsafe { self.image.close() }
     }
 }
 
@@ -167,6 +193,9 @@ unsafe extern "C" fn on_complete(c: rbd::ffi::rbd_completion_t, arg: *mut c_void
 
 impl ExternalStorage for RbdStorage {
     fn start(&self, op: &IoOp<'_>, done: &Arc<CompletionQueue>) -> Result<(), i32> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(libc::EIO);
+        }
         let bytes = match op.kind {
             IoKind::Read | IoKind::Write => i32::try_from(op.len).map_err(|_| libc::EINVAL)?,
             _ => 0,
@@ -209,13 +238,16 @@ impl ExternalStorage for RbdStorage {
     }
 
     fn sync(&self) -> io::Result<()> {
-        if self.image.is_read_only() {
+        if self.image.is_read_only() || self.closed.load(Ordering::SeqCst) {
             return Ok(());
         }
         self.image.flush().map_err(to_io)
     }
 
     fn grow(&self, bytes: u64) -> Option<io::Result<()>> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Some(Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)));
+        }
         if self.image.is_read_only() {
             return Some(Err(io::Error::from_raw_os_error(libc::EROFS)));
         }
@@ -223,6 +255,9 @@ impl ExternalStorage for RbdStorage {
     }
 
     fn current_size(&self) -> Option<io::Result<u64>> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Some(Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)));
+        }
         Some(self.image.size().map_err(to_io))
     }
 }

@@ -120,11 +120,19 @@ fn main() -> ExitCode {
     log::info!("stopping: draining in-flight I/O");
     stop.store(true, Ordering::SeqCst);
     backend.begin_stop();
-    if let Err(e) = backend.quiesce() {
+    let quiesced = backend.quiesce();
+    if let Err(e) = &quiesced {
         log::error!("stopping: {e}");
     }
     if let Err(e) = storage.sync() {
         log::error!("final sync of the image failed: {e}");
+    }
+    if let (Some(rbd), Ok(())) = (&rbd, &quiesced) {
+        // SAFETY: begin_stop and a successful quiesce came first: no op is in flight and
+        // none starts (one that would is refused by the closed backend).
+        if let Err(e) = unsafe { rbd.close() } {
+            log::warn!("closing the RBD image: {e}");
+        }
     }
     remove_socket(&cli.socket);
     print_stats(&backend);
