@@ -55,6 +55,8 @@ fn color(target: Target) -> RGBColor {
         Target::QsdFile => RGBColor(215, 110, 20),
         Target::QsdNull => RGBColor(245, 180, 110),
         Target::Host => RGBColor(110, 110, 110),
+        Target::UringblkRbd => RGBColor(40, 150, 80),
+        Target::QsdRbd => RGBColor(200, 60, 60),
     }
 }
 

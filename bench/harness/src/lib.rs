@@ -10,6 +10,7 @@ pub mod machine;
 pub mod matrix;
 pub mod measurement;
 pub mod procstat;
+pub mod rbd;
 pub mod record;
 pub mod report;
 pub mod runner;

@@ -12,7 +12,7 @@ use uringblk_bench::matrix::{self, RunSpec};
 use uringblk_bench::report::{self, Settings, Summary};
 use uringblk_bench::runner::{self, Environment, PlannedRun};
 use uringblk_bench::targets::{cpu_list, Target};
-use uringblk_bench::{charts, image, machine, BenchError};
+use uringblk_bench::{charts, image, machine, rbd, targets, BenchError};
 use uringblk_loadgen::spec::{parse_duration, parse_size, CpuList};
 use uringblk_loadgen::CompletionMode;
 
@@ -28,7 +28,8 @@ struct Cli {
     /// Longer runs plus the per-core scaling sweep.
     #[arg(long)]
     full: bool,
-    /// Targets to run (default: all): uringblk-file, qsd-file, host, uringblk-null, qsd-null.
+    /// Targets to run (default: all but the RBD ones): uringblk-file, qsd-file, host,
+    /// uringblk-null, qsd-null, uringblk-rbd, qsd-rbd.
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<Target>>,
     /// Jobs to run (default: all of the matrix), by name, e.g. randread-4k-qd32.
@@ -98,6 +99,13 @@ struct Cli {
     qsd: PathBuf,
     #[arg(long, default_value = "fio")]
     fio: PathBuf,
+    /// Ceph cluster of the RBD targets (default: a single-node one that
+    /// scripts/ceph-cluster.sh starts in bench/work/ceph for the run, and stops after).
+    #[arg(long)]
+    ceph_conf: Option<PathBuf>,
+    /// The RBD targets' image, POOL/IMAGE: created (--image-size) and filled if missing.
+    #[arg(long, default_value = "rbd/uringblk-bench")]
+    rbd_image: String,
     /// Print the plan and exit.
     #[arg(long)]
     dry_run: bool,
@@ -183,7 +191,10 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         .unwrap_or(Duration::from_millis(if cli.full { 2_000 } else { 500 }));
     let scaling = (cli.full || cli.scaling) && !cli.no_scaling;
     let guest = cli.guest;
-    let targets: Vec<Target> = cli.targets.clone().unwrap_or_else(|| Target::ALL.to_vec());
+    let targets: Vec<Target> = cli
+        .targets
+        .clone()
+        .unwrap_or_else(|| Target::DEFAULT.to_vec());
     let jobs = matrix::select_jobs(cli.jobs.as_deref())?;
     if cli.reps == 0 || cli.queues.is_empty() || cli.queues.contains(&0) {
         return Err(BenchError::Usage(
@@ -350,7 +361,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         .prefix("uringblk-bench-")
         .tempdir()
         .map_err(|e| BenchError::io("temporary directory", e))?;
-    let env = Environment {
+    let mut env = Environment {
         run_id: run_id.clone(),
         uringblk,
         qsd: cli.qsd.clone(),
@@ -363,7 +374,16 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         workdir: workdir.path().to_path_buf(),
         guest_dir,
         uringblk_args: cli.uringblk_args.clone(),
+        rbd: None,
     };
+
+    let _cluster;
+    if targets.iter().any(|t| t.backend() == targets::Backend::Rbd) {
+        let (setup, started) =
+            rbd::prepare(cli.ceph_conf.as_deref(), &cli.rbd_image, cli.image_size)?;
+        env.rbd = Some(setup);
+        _cluster = started;
+    }
 
     preflight(&env, &targets, &jobs, &cli.queues, &server_cpus)?;
 

@@ -238,6 +238,7 @@ fn peers(backend: Backend) -> (Target, Target, Option<Target>) {
     match backend {
         Backend::File => (Target::UringblkFile, Target::QsdFile, Some(Target::Host)),
         Backend::Null => (Target::UringblkNull, Target::QsdNull, None),
+        Backend::Rbd => (Target::UringblkRbd, Target::QsdRbd, None),
     }
 }
 
@@ -292,7 +293,7 @@ fn comparisons(summary: &Summary) -> (usize, Vec<Shortfall>) {
     let mut compared = 0;
     let mut found = Vec::new();
     for (job, q) in summary.matrix_rows() {
-        for backend in [Backend::File, Backend::Null] {
+        for backend in [Backend::File, Backend::Null, Backend::Rbd] {
             let (ours, peer, _) = peers(backend);
             let iops = ratio(
                 summary.median(ours, &job, q, |p| p.iops),
@@ -432,6 +433,53 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
         })
         .collect();
     table(&mut out, &header, &body);
+
+    if has(Target::UringblkRbd) || has(Target::QsdRbd) {
+        let _ = writeln!(
+            out,
+            "#### Ceph RBD: IOPS median [min–max], p99 µs (a single-node cluster on this \
+             machine: one mon, one memstore OSD, pool size 1, sharing the CPUs)\n"
+        );
+        let header: Vec<String> = [
+            "job",
+            "queues",
+            "uringblk rbd",
+            "qsd rbd",
+            "**uringblk / qsd (rbd)**",
+            "uringblk p99",
+            "qsd p99",
+        ]
+        .map(String::from)
+        .to_vec();
+        let p99 = |t: Target, job: &str, q: u32| {
+            summary
+                .median(t, job, q, |p| p.lat_p99_us)
+                .map_or("–".into(), fmt_us)
+        };
+        let body: Vec<Vec<String>> = rows
+            .iter()
+            .filter(|(job, q)| {
+                summary
+                    .point(Phase::Matrix, Target::UringblkRbd, job, *q)
+                    .is_some()
+                    || summary
+                        .point(Phase::Matrix, Target::QsdRbd, job, *q)
+                        .is_some()
+            })
+            .map(|(job, q)| {
+                vec![
+                    job.clone(),
+                    q.to_string(),
+                    iops_cell(Target::UringblkRbd, job, *q),
+                    iops_cell(Target::QsdRbd, job, *q),
+                    r(Target::UringblkRbd, Target::QsdRbd, job, *q, |p| p.iops),
+                    p99(Target::UringblkRbd, job, *q),
+                    p99(Target::QsdRbd, job, *q),
+                ]
+            })
+            .collect();
+        table(&mut out, &header, &body);
+    }
 
     // Latency.
     let _ = writeln!(

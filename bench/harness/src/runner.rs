@@ -33,6 +33,8 @@ pub struct Environment {
     pub guest_dir: Option<PathBuf>,
     /// Extra arguments appended to every uringblk command line.
     pub uringblk_args: Vec<String>,
+    /// The RBD targets' image, when they run.
+    pub rbd: Option<crate::targets::RbdSetup>,
 }
 
 /// One planned run and how long it lasts.
@@ -121,6 +123,7 @@ fn run_client_and_server(
         queues: spec.queues,
         iothreads: spec.iothreads,
         cpus: &spec.server_cpus,
+        rbd: env.rbd.as_ref(),
     };
     let mut server_argv = server_command(server, spec.target.backend(), &setup);
     if server == Server::Uringblk {

@@ -24,6 +24,11 @@ pub enum Target {
     QsdNull,
     #[serde(rename = "host")]
     Host,
+    /// A Ceph RBD image (the cluster of --ceph-conf, or scripts/ceph-cluster.sh's).
+    #[serde(rename = "uringblk-rbd")]
+    UringblkRbd,
+    #[serde(rename = "qsd-rbd")]
+    QsdRbd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +42,7 @@ pub enum Server {
 pub enum Backend {
     File,
     Null,
+    Rbd,
 }
 
 impl Backend {
@@ -44,12 +50,25 @@ impl Backend {
         match self {
             Backend::File => "file",
             Backend::Null => "null",
+            Backend::Rbd => "rbd",
         }
     }
 }
 
 impl Target {
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 7] = [
+        Target::UringblkFile,
+        Target::QsdFile,
+        Target::Host,
+        Target::UringblkNull,
+        Target::QsdNull,
+        Target::UringblkRbd,
+        Target::QsdRbd,
+    ];
+
+    /// What runs without --targets: everything but the RBD targets, which need a Ceph cluster
+    /// (`--targets uringblk-rbd,qsd-rbd` starts scripts/ceph-cluster.sh's unless --ceph-conf).
+    pub const DEFAULT: [Target; 5] = [
         Target::UringblkFile,
         Target::QsdFile,
         Target::Host,
@@ -64,14 +83,18 @@ impl Target {
             Target::QsdFile => "qsd-file",
             Target::QsdNull => "qsd-null",
             Target::Host => "host",
+            Target::UringblkRbd => "uringblk-rbd",
+            Target::QsdRbd => "qsd-rbd",
         }
     }
 
     /// `None` for the host target, which has no server.
     pub fn server(self) -> Option<Server> {
         match self {
-            Target::UringblkFile | Target::UringblkNull => Some(Server::Uringblk),
-            Target::QsdFile | Target::QsdNull => Some(Server::Qsd),
+            Target::UringblkFile | Target::UringblkNull | Target::UringblkRbd => {
+                Some(Server::Uringblk)
+            }
+            Target::QsdFile | Target::QsdNull | Target::QsdRbd => Some(Server::Qsd),
             Target::Host => None,
         }
     }
@@ -79,6 +102,7 @@ impl Target {
     pub fn backend(self) -> Backend {
         match self {
             Target::UringblkNull | Target::QsdNull => Backend::Null,
+            Target::UringblkRbd | Target::QsdRbd => Backend::Rbd,
             _ => Backend::File,
         }
     }
@@ -116,6 +140,16 @@ pub struct ServerSetup<'a> {
     pub queues: u32,
     pub iothreads: u32,
     pub cpus: &'a [usize],
+    /// The RBD targets' image.
+    pub rbd: Option<&'a RbdSetup>,
+}
+
+/// Where the RBD targets' image is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdSetup {
+    pub conf: PathBuf,
+    pub pool: String,
+    pub image: String,
 }
 
 pub fn cpu_list(cpus: &[usize]) -> String {
@@ -130,6 +164,15 @@ fn qemu_escape(value: &str) -> String {
     value.replace(',', ",,")
 }
 
+/// An RBD target without a cluster: the harness sets one up before any run (main.rs).
+fn missing_rbd() -> RbdSetup {
+    RbdSetup {
+        conf: PathBuf::from("/etc/ceph/ceph.conf"),
+        pool: "rbd".into(),
+        image: "uringblk-bench".into(),
+    }
+}
+
 /// The full argv (starting with `taskset`) that starts `server` pinned to `setup.cpus`.
 pub fn server_command(server: Server, backend: Backend, setup: &ServerSetup<'_>) -> Vec<String> {
     let mut argv = vec!["taskset".into(), "-c".into(), cpu_list(setup.cpus)];
@@ -142,6 +185,15 @@ pub fn server_command(server: Server, backend: Backend, setup: &ServerSetup<'_>)
             match backend {
                 Backend::File => argv.extend(["--image".into(), image]),
                 Backend::Null => argv.extend(["--null".into(), setup.null_size.to_string()]),
+                Backend::Rbd => {
+                    let rbd = setup.rbd.cloned().unwrap_or_else(missing_rbd);
+                    argv.extend([
+                        "--rbd".into(),
+                        format!("{}/{}", rbd.pool, rbd.image),
+                        "--ceph-conf".into(),
+                        rbd.conf.display().to_string(),
+                    ]);
+                }
             }
             argv.extend([
                 "--queues".into(),
@@ -160,6 +212,16 @@ pub fn server_command(server: Server, backend: Backend, setup: &ServerSetup<'_>)
                     qemu_escape(&image)
                 ),
                 Backend::Null => format!("driver=null-co,node-name=disk0,size={}", setup.null_size),
+                // cache.direct=on: rbd_cache=false, as uringblk runs librbd.
+                Backend::Rbd => {
+                    let rbd = setup.rbd.cloned().unwrap_or_else(missing_rbd);
+                    format!(
+                        "driver=rbd,node-name=disk0,pool={},image={},conf={},cache.direct=on",
+                        qemu_escape(&rbd.pool),
+                        qemu_escape(&rbd.image),
+                        qemu_escape(&rbd.conf.display().to_string())
+                    )
+                }
             };
             argv.extend([
                 "--object".into(),
@@ -330,6 +392,7 @@ mod tests {
             queues: 2,
             iothreads: 1,
             cpus,
+            rbd: None,
         }
     }
 
