@@ -134,8 +134,10 @@ pub struct Cli {
     /// (with guest notifications off) before sleeping: fewer kicks and wake-ups under load, at
     /// the cost of CPU while idle-but-not-yet-asleep. The window adapts (it halves while
     /// polling finds nothing); 200 covers a fast disk's QD1 latency. 0 disables polling.
-    #[arg(long, value_name = "US", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
-    pub poll_us: u64,
+    /// Default: 200, and 0 with --rbd (librbd's own threads finish the work; the CPU a polling
+    /// iothread takes is theirs, and a Ceph round trip is longer than the window).
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub poll_us: Option<u64>,
 
     /// At most this many SQEs per io_uring_enter; 0 submits a drained batch at once. Two or
     /// fewer keep io_uring from plugging the block layer, which holds a burst back until all
@@ -193,6 +195,14 @@ pub struct Cli {
     /// Allow --metrics on a non-loopback address (the metrics have no authentication).
     #[arg(long, requires = "metrics")]
     pub metrics_allow_remote: bool,
+}
+
+impl Cli {
+    /// --poll-us, else its default for the backend.
+    pub fn poll_us(&self) -> u64 {
+        self.poll_us
+            .unwrap_or(if self.rbd.is_some() { 0 } else { 200 })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -353,6 +363,14 @@ mod tests {
         assert_eq!(cli.ceph_conf, PathBuf::from("/etc/ceph/ceph.conf"));
         assert_eq!(cli.ceph_id, "admin");
         assert_eq!(cli.ceph_connect_timeout, 10);
+        assert_eq!(cli.poll_us(), 0, "no polling by default with --rbd");
+        let cli = parse(&["--rbd", "p/i", "--poll-us", "50"]).expect("--poll-us with --rbd");
+        assert_eq!(cli.poll_us(), 50);
+        assert_eq!(
+            parse(&["--null", "1G"]).expect("--null").poll_us(),
+            200,
+            "polling by default otherwise"
+        );
         let cli = parse(&[
             "--rbd",
             "p/i",

@@ -281,7 +281,7 @@ fn build(cli: &Cli) -> Result<Built, String> {
                 max_bytes: cli.merge_max_kib << 10,
                 ..MergeLimits::default()
             },
-            poll: std::time::Duration::from_micros(cli.poll_us),
+            poll: std::time::Duration::from_micros(cli.poll_us()),
             submit_batch: cli.submit_batch,
             ring_setup: cli.ring_setup,
             iowq_max_workers: cli.iowq_max_workers,
