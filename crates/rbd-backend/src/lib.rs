@@ -205,7 +205,9 @@ impl ExternalStorage for RbdStorage {
             bytes,
             done: done.clone(),
         }));
-        let c = match Completion::new(arg.cast(), on_complete) {
+        // SAFETY: `arg` is the live Box<Pending> that `on_complete` takes back, exactly once,
+        // when librbd calls it; if the op does not start it is freed below instead.
+        let c = match unsafe { Completion::new(arg.cast(), on_complete) } {
             Ok(c) => c,
             Err(errno) => {
                 // SAFETY: no completion holds `arg`: it is still ours alone.

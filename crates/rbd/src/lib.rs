@@ -448,7 +448,11 @@ pub struct Completion(ffi::rbd_completion_t);
 
 impl Completion {
     /// A completion that calls `cb(c, arg)` when its op finishes.
-    pub fn new(arg: *mut c_void, cb: Callback) -> Result<Completion, i32> {
+    ///
+    /// # Safety
+    /// `arg` must be what `cb` expects, valid until `cb` has run (or until the completion is
+    /// released unstarted); librbd only stores it.
+    pub unsafe fn new(arg: *mut c_void, cb: Callback) -> Result<Completion, i32> {
         let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
         // SAFETY: `c` is a valid out-pointer; librbd only stores `arg` and `cb`.
         let rc = unsafe { ffi::rbd_aio_create_completion(arg, Some(cb), &mut c) };

@@ -357,7 +357,7 @@ mod tests {
             Cli::try_parse_from(all)
         };
         let cli = parse(&["--rbd", "rbd/disk@snap"]).expect("--rbd alone");
-        let spec = cli.rbd.expect("spec");
+        let spec = cli.rbd.clone().expect("spec");
         assert_eq!((spec.pool.as_str(), spec.image.as_str()), ("rbd", "disk"));
         assert_eq!(spec.snap.as_deref(), Some("snap"));
         assert_eq!(cli.ceph_conf, PathBuf::from("/etc/ceph/ceph.conf"));
