@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as README.md tells users to run it and as CI runs it (.ci/run):
 # installs the system packages, builds the guest image, checks formatting and lints, then runs
-# every test: unit, engine (real io_uring), libblkio client, and the QEMU guest tests.
+# every test: unit, engine (real io_uring), libblkio client, and the QEMU guest tests. The RBD
+# tests (crates/uringblk/tests/rbd*.rs) start their own single-node Ceph cluster with
+# scripts/ceph-cluster.sh (one per test binary, stopped when it exits).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
