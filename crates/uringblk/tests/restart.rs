@@ -309,3 +309,50 @@ fn requests_in_flight_at_a_kill_9_complete_once_after_the_restart_one_queue() {
 fn requests_in_flight_at_a_kill_9_complete_once_after_the_restart_two_queues() {
     kill_and_restart(2);
 }
+
+/// A server killed after it published completions but before it signalled them leaves the
+/// guest's `used_event` behind the used index. With EVENT_IDX no later completion passes that
+/// event again, so the restarted server must signal once as its queue starts, or the guest
+/// never hears of anything again (a hung guest after a crash).
+#[test]
+fn a_restarted_server_signals_what_its_predecessor_published_unsignalled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    File::create(&image)
+        .and_then(|f| f.set_len(IMAGE_LEN))
+        .expect("image");
+    let socket = dir.path().join("blk.sock");
+    let read = |n: u64| Request {
+        write: false,
+        offset: n * 4096,
+        data: READ_DATA + n * 4096,
+        len: 4096,
+    };
+    let mut fe = TestFrontend::new(GUEST_LEN, 1);
+    fe.event_idx = true;
+    let mut first = Server::start(&socket, &image, 1, dir.path().join("first.log"));
+    fe.connect(&socket);
+    // "Signal me once the used index passes 0": the first completion signals.
+    fe.queues[0].set_used_event(&fe.mem, 0);
+    fe.queues[0].publish(&fe.mem, &[read(0), read(1)]);
+    assert!(
+        fe.wait_until(Duration::from_secs(10), |fe| fe.queues[0].used_idx(&fe.mem)
+            == 2),
+        "the first server did not complete 2 reads; its log:\n{}",
+        first.log_text()
+    );
+    first.kill9();
+    fe.disconnect();
+    // As if that signal had been lost with the server: the guest has seen nothing and its
+    // used_event still says 0.
+    fe.queues[0].take_signal();
+    let second = Server::start(&socket, &image, 1, dir.path().join("second.log"));
+    fe.connect(&socket);
+    let signalled = fe.wait_until(Duration::from_secs(10), |fe| fe.queues[0].take_signal());
+    assert!(
+        signalled,
+        "the restarted server never signalled the 2 completions the guest has not seen; its \
+         log:\n{}",
+        second.log_text()
+    );
+}

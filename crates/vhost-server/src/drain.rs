@@ -149,6 +149,16 @@ impl IoThread {
                 Start::Untracked => self.inflight[local] = None,
             }
         }
+        if self.started & (1 << local) != 0 && v.get_call().is_some() {
+            self.started &= !(1 << local);
+            // Completions an earlier server published may never have been signalled: one
+            // interrupt (spurious at worst) lets the guest catch up and move used_event on.
+            if v.get_queue().next_used() != 0 {
+                if let Err(e) = v.signal_used_queue() {
+                    log::warn!("queue {queue}: cannot signal the guest: {e}");
+                }
+            }
+        }
         if let Some(inflight) = self.inflight[local].as_mut() {
             // What an earlier server left in flight goes first, in counter order.
             while let Some(head) = inflight.next_resubmit() {

@@ -55,6 +55,11 @@ pub(crate) struct IoThread {
     pub(crate) inflight: Vec<Option<QueueInflight>>,
     /// Scratch: the heads of one queue's delivered batch (reused, never shrinks).
     pub(crate) published: Vec<u16>,
+    /// Local queues just started (watched): their first drain signals the guest once if the
+    /// used ring is not empty. A server killed between publishing completions and signalling
+    /// them leaves a guest whose `used_event` is behind the used index; with EVENT_IDX no later
+    /// completion would ever reach it (libvhost-user's `signalled_used_valid = false`).
+    pub(crate) started: u64,
 }
 
 impl IoThread {
@@ -81,6 +86,7 @@ impl IoThread {
             engine_errors: RateLimit::new(),
             inflight: (0..queues).map(|_| None).collect(),
             published: Vec::with_capacity(max_requests),
+            started: 0,
         }
     }
 

@@ -209,6 +209,7 @@ impl Session {
             (kick.as_raw_fd(), v.get_queue().ready() && v.is_enabled())
         };
         if live {
+            self.device.control(thread).started |= 1 << local;
             self.loops[thread]
                 .watch_queue(local, fd)
                 .map_err(|source| SessionError::Watch { index: q, source })

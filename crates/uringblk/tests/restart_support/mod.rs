@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub const QUEUE_SIZE: u16 = 128;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 /// Per queue: its rings at queue * RING_STRIDE (descriptors, avail at +0x1000, used at +0x2000).
@@ -207,6 +208,20 @@ impl Queue {
         heads
     }
 
+    /// With EVENT_IDX: the guest asks to be signalled once the used index passes `idx`.
+    pub fn set_used_event(&self, mem: &Memory, idx: u16) {
+        mem.write(
+            self.avail + 4 + 2 * u64::from(QUEUE_SIZE),
+            &idx.to_le_bytes(),
+        );
+        fence(Ordering::SeqCst);
+    }
+
+    /// Whether the server signalled the queue (its call eventfd) since the last take.
+    pub fn take_signal(&self) -> bool {
+        self.call.read().is_ok()
+    }
+
     pub fn used_idx(&self, mem: &Memory) -> u16 {
         mem.u16_at(self.used + 2)
     }
@@ -232,6 +247,8 @@ pub struct TestFrontend {
     inflight: Option<(VhostUserInflight, File)>,
     frontend: Option<Frontend>,
     features: u64,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX (the guest's used_event decides each signal).
+    pub event_idx: bool,
 }
 
 impl TestFrontend {
@@ -242,6 +259,7 @@ impl TestFrontend {
             inflight: None,
             frontend: None,
             features: 0,
+            event_idx: false,
         }
     }
 
@@ -266,7 +284,13 @@ impl TestFrontend {
         f.set_protocol_features(protocol & wanted)
             .expect("SET_PROTOCOL_FEATURES");
         // No FLUSH: the driver is served writethrough, so writes take the disk's time.
-        self.features = offered & (VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES);
+        let event_idx = if self.event_idx {
+            VIRTIO_RING_F_EVENT_IDX
+        } else {
+            0
+        };
+        self.features = offered & (VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES | event_idx);
+        assert_eq!(self.features & event_idx, event_idx, "EVENT_IDX offered");
         f.set_features(self.features).expect("SET_FEATURES");
         if self.inflight.is_none() {
             let asked = VhostUserInflight::new(0, 0, self.queues.len() as u16, QUEUE_SIZE);
