@@ -356,3 +356,73 @@ fn a_restarted_server_signals_what_its_predecessor_published_unsignalled() {
         second.log_text()
     );
 }
+
+/// A clean stop (SIGTERM) with requests in flight finishes them: each is on the used ring
+/// with OK before the process goes, and the next server has nothing to resubmit.
+#[test]
+fn a_clean_stop_puts_what_was_in_flight_on_the_used_ring() {
+    for n in 1..=ATTEMPTS {
+        let dir = tempfile::Builder::new()
+            .prefix("uringblk-clean-stop")
+            .tempdir_in("/var/tmp")
+            .expect("dir under /var/tmp");
+        let image = dir.path().join("disk.img");
+        File::create(&image)
+            .and_then(|f| f.set_len(IMAGE_LEN))
+            .expect("image");
+        let socket = dir.path().join("blk.sock");
+        let writes: Vec<Request> = (0..WRITES)
+            .map(|w| Request {
+                write: true,
+                offset: w as u64 * u64::from(WRITE_LEN),
+                data: WRITE_DATA + w as u64 * u64::from(WRITE_LEN),
+                len: WRITE_LEN,
+            })
+            .collect();
+        let mut fe = TestFrontend::new(GUEST_LEN, 1);
+        for (w, r) in writes.iter().enumerate() {
+            fe.mem
+                .fill_with(r.data, r.len as usize, |pos| write_byte(w, pos));
+        }
+        let mut first = Server::start(&socket, &image, 1, dir.path().join("first.log"));
+        fe.connect(&socket);
+        let heads = fe.queues[0].publish(&fe.mem, &writes);
+        // Popped (marked in the region) and not all completed yet: then stop.
+        fe.wait_until(Duration::from_secs(10), |fe| {
+            fe.marked_in_flight().len() + fe.queues[0].used_idx(&fe.mem) as usize >= WRITES
+        });
+        if fe.queues[0].used_idx(&fe.mem) as usize == WRITES {
+            eprintln!("try {n}: every write completed before the stop; trying again");
+            continue;
+        }
+        first.stop();
+        let mut used = fe.queues[0].used_ids(&fe.mem);
+        used.sort_unstable();
+        assert_eq!(
+            used,
+            heads,
+            "after SIGTERM every write is on the used ring; the server's log:\n{}",
+            first.log_text()
+        );
+        for &h in &heads {
+            assert_eq!(
+                fe.queues[0].status(&fe.mem, h),
+                blk_proto::VIRTIO_BLK_S_OK,
+                "head {h} status"
+            );
+        }
+        fe.disconnect();
+        let mut second = Server::start(&socket, &image, 1, dir.path().join("second.log"));
+        fe.connect(&socket);
+        std::thread::sleep(Duration::from_millis(300));
+        second.stop();
+        assert_eq!(
+            second.resubmitted(),
+            0,
+            "nothing is left to resubmit after a clean stop; the second server's log:\n{}",
+            second.log_text()
+        );
+        return;
+    }
+    panic!("in {ATTEMPTS} tries the stop never landed with writes in flight");
+}

@@ -7,10 +7,11 @@ use blk_proto::DeviceConfig;
 use engine::Engine;
 
 use crate::control::{ControlMsg, ControlPort};
+use crate::device::Inner;
 use crate::guest_memory::host_regions;
 use crate::inflight::QueueInflight;
 use crate::ratelimit::{error_limited, RateLimit};
-use crate::GuestMem;
+use crate::{GuestMem, Vring};
 
 /// How long an iothread waits for its in-flight I/O to finish at a quiesce.
 pub(crate) const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -117,11 +118,23 @@ impl IoThread {
         waited
     }
 
-    /// Carries out the control messages posted to this thread.
-    pub(crate) fn serve_control(&mut self, port: &ControlPort, thread: usize) {
+    /// Carries out the control messages posted to this thread. `finish` is given at
+    /// shutdown while the frontend is still connected: a quiesce then puts what completes on
+    /// the used rings (and signals the guest) before memory is forgotten, so a clean stop
+    /// leaves nothing for the next server to resubmit. Between connections it is None: the
+    /// frontend already read its rings, and completions are dropped.
+    pub(crate) fn serve_control(
+        &mut self,
+        port: &ControlPort,
+        thread: usize,
+        finish: Option<(&Inner, &[Vring])>,
+    ) {
         while let Some(msg) = port.next() {
             match msg {
                 ControlMsg::Quiesce(reply) => {
+                    if let Some((inner, vrings)) = finish {
+                        self.finish_in_flight(inner, vrings, thread);
+                    }
                     let _ = reply.send(self.forget_connection(thread));
                 }
                 ControlMsg::SetMemory(mem, reply) => {
@@ -133,6 +146,16 @@ impl IoThread {
                 }
             }
         }
+    }
+
+    /// Waits for the requests in flight and delivers them to the guest.
+    fn finish_in_flight(&mut self, inner: &Inner, vrings: &[Vring], thread: usize) {
+        if self.engine.in_flight() > 0 {
+            if let Err(e) = self.engine.wait_idle(QUIESCE_TIMEOUT) {
+                log::error!("iothread {thread}: waiting for in-flight I/O failed: {e}");
+            }
+        }
+        self.deliver(inner, vrings);
     }
 
     /// Submits what was enqueued and reaps what completed. An engine error is survivable

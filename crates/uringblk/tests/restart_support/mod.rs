@@ -327,6 +327,23 @@ impl TestFrontend {
         self.frontend = Some(f);
     }
 
+    /// The heads of queue 0 that the inflight region marks in flight (popped by the server,
+    /// not yet cleared), read as libvhost-user lays the region out: a 16-byte queue header,
+    /// then 16 bytes per descriptor, the first of them the inflight flag.
+    pub fn marked_in_flight(&self) -> Vec<u16> {
+        use std::os::unix::fs::FileExt;
+        let Some((_, file)) = &self.inflight else {
+            return Vec::new();
+        };
+        let mut entries = vec![0u8; 16 + 16 * usize::from(QUEUE_SIZE)];
+        if file.read_exact_at(&mut entries, 0).is_err() {
+            return Vec::new();
+        }
+        (0..QUEUE_SIZE)
+            .filter(|&h| entries[16 + 16 * usize::from(h)] == 1)
+            .collect()
+    }
+
     /// Forgets the connection (its server is dead); memory, rings and region stay.
     pub fn disconnect(&mut self) {
         self.frontend = None;
