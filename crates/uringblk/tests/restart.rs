@@ -389,7 +389,7 @@ fn a_clean_stop_puts_what_was_in_flight_on_the_used_ring() {
         let heads = fe.queues[0].publish(&fe.mem, &writes);
         // Popped (marked in the region) and not all completed yet: then stop.
         fe.wait_until(Duration::from_secs(10), |fe| {
-            fe.marked_in_flight().len() + fe.queues[0].used_idx(&fe.mem) as usize >= WRITES
+            fe.marked_in_flight(0).len() + fe.queues[0].used_idx(&fe.mem) as usize >= WRITES
         });
         if fe.queues[0].used_idx(&fe.mem) as usize == WRITES {
             eprintln!("try {n}: every write completed before the stop; trying again");
@@ -425,4 +425,59 @@ fn a_clean_stop_puts_what_was_in_flight_on_the_used_ring() {
         return;
     }
     panic!("in {ATTEMPTS} tries the stop never landed with writes in flight");
+}
+
+/// QEMU's first start when the firmware drove the disk first: every queue enabled, only
+/// queue 0 started and stopped, then a new inflight region for the driver's start. Queue 1
+/// must mark its requests in that new region (the one the frontend keeps), or a kill -9
+/// loses them.
+#[test]
+fn a_queue_enabled_before_a_new_region_marks_its_requests_in_the_new_one() {
+    let dir = tempfile::Builder::new()
+        .prefix("uringblk-new-region")
+        .tempdir_in("/var/tmp")
+        .expect("dir under /var/tmp");
+    let image = dir.path().join("disk.img");
+    File::create(&image)
+        .and_then(|f| f.set_len(IMAGE_LEN))
+        .expect("image");
+    let socket = dir.path().join("blk.sock");
+    let writes: Vec<Request> = (0..WRITES)
+        .map(|w| Request {
+            write: true,
+            offset: w as u64 * u64::from(WRITE_LEN),
+            data: WRITE_DATA + w as u64 * u64::from(WRITE_LEN),
+            len: WRITE_LEN,
+        })
+        .collect();
+    for n in 1..=ATTEMPTS {
+        let mut fe = TestFrontend::new(GUEST_LEN, 2);
+        let mut server = Server::start(&socket, &image, 2, dir.path().join(format!("{n}.log")));
+        fe.connect_after_firmware(&socket);
+        let heads = fe.queues[1].publish(&fe.mem, &writes);
+        // While the writes run, the kept region must show them marked.
+        let marked_while_running = std::cell::Cell::new(false);
+        let done = fe.wait_until(Duration::from_secs(10), |fe| {
+            let used = fe.queues[1].used_ids(&fe.mem);
+            let marked = fe.marked_in_flight(1);
+            if used.len() < WRITES && heads.iter().all(|h| used.contains(h) || marked.contains(h)) {
+                marked_while_running.set(true);
+            }
+            marked_while_running.get() || used.len() == WRITES
+        });
+        server.stop();
+        assert!(
+            done,
+            "queue 1's writes did not complete; log:\n{}",
+            server.log_text()
+        );
+        if marked_while_running.get() {
+            return;
+        }
+        eprintln!("try {n}: the writes completed and none was seen marked in the kept region; trying again");
+    }
+    panic!(
+        "in {ATTEMPTS} tries queue 1's writes were never seen marked in the region the frontend \
+         keeps: they are tracked in one it threw away"
+    );
 }
