@@ -259,6 +259,7 @@ def one_run(variant, args, job, opts, disk, bindir=None):
             sqes = sum(t.get("sqes", 0) for t in stats.get("iothreads", []))
             if enters:
                 res["sqes_per_enter"] = sqes / enters
+            res["naps"] = sum(t.get("naps", 0) for t in stats.get("iothreads", []))
     return res
 
 

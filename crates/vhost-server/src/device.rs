@@ -346,6 +346,8 @@ impl VhostUserBlk {
                     "enters": c.enters,
                     "sqes": c.sqes,
                     "wakeups": t.wakeups,
+                    "naps": t.nap.naps,
+                    "nap_overruns": t.nap.overruns,
                     "io_fixed_buffers": fixed,
                     "io_plain_buffers": plain,
                 })
