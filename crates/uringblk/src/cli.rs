@@ -310,4 +310,20 @@ mod tests {
         assert!(with("0").is_err());
         assert!(with("x").is_err());
     }
+
+    #[test]
+    fn napping_is_off_by_default_and_bounded_to_a_millisecond() {
+        let base = ["uringblk", "--socket", "/tmp/s", "--null", "1G"];
+        let cli = Cli::try_parse_from(base).expect("defaults parse");
+        assert_eq!((cli.poll_nap_us, cli.poll_us), (0, 200));
+        let with = |v: &str| {
+            let mut args = base.to_vec();
+            args.extend(["--poll-nap-us", v]);
+            Cli::try_parse_from(args)
+        };
+        assert_eq!(with("5").expect("5 us").poll_nap_us, 5);
+        assert_eq!(with("1000").expect("1 ms").poll_nap_us, 1000);
+        assert!(with("1001").is_err());
+        assert!(with("-1").is_err());
+    }
 }

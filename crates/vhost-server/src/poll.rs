@@ -50,8 +50,8 @@ pub(crate) struct Nap {
     gap_ns: u64,
     /// No nap before this (one overran its bound).
     off_until: Option<Instant>,
-    /// The iothread's timer slack is set.
-    slack_set: bool,
+    /// The thread whose timer slack was set (each connection runs its loop on a new thread).
+    slack_set: Option<std::thread::ThreadId>,
     overrun_logged: bool,
     /// Naps taken, and those that overran their bound.
     pub(crate) naps: u64,
@@ -128,8 +128,9 @@ impl Nap {
 
     /// Sleeps `len` on the calling (iothread) thread, its timer slack set to 1 µs first.
     fn sleep(&mut self, len: Duration) {
-        if !self.slack_set {
-            self.slack_set = true;
+        let me = std::thread::current().id();
+        if self.slack_set != Some(me) {
+            self.slack_set = Some(me);
             // SAFETY: PR_SET_TIMERSLACK takes an integer and touches no memory; it changes
             // only the calling thread's timer slack.
             let r = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, NAP_TIMER_SLACK_NS, 0, 0, 0) };
@@ -192,6 +193,7 @@ impl IoThread {
         let mut idle_since = Instant::now();
         // Work found after spinning (not after a nap) measures the gap between batches.
         let mut napped = false;
+        let naps = !inner.poll_nap.is_zero();
         while idle_since.elapsed() < window
             && !inner.stopping.load(Ordering::Relaxed)
             && inner.control_waiting.load(Ordering::Relaxed) == 0
@@ -212,11 +214,16 @@ impl IoThread {
             if busy {
                 found_work = true;
                 let now = Instant::now();
-                if !napped {
+                if naps && !napped {
                     self.nap.note_gap(now.duration_since(idle_since));
                 }
                 napped = false;
                 idle_since = now;
+                continue;
+            }
+            // Without napping the idle look is as before: one clock read (the loop's).
+            if !naps {
+                std::hint::spin_loop();
                 continue;
             }
             let now = Instant::now();
