@@ -93,6 +93,7 @@ impl IoThread {
     /// re-check after turning them back on so that no kick is lost.
     pub(crate) fn drain_queue(&mut self, inner: &Inner, vring: &Vring, local: usize, queue: u16) {
         self.drain(inner, vring, local, queue, true);
+        self.nap.note_drain(self.drained);
     }
 
     /// Drains a queue; with `rearm` false notifications stay off (the thread is polling).
@@ -107,6 +108,7 @@ impl IoThread {
         queue: u16,
         rearm: bool,
     ) {
+        self.drained = 0;
         if self.current_memory().is_none() {
             if self.connection_over {
                 log::debug!("queue {queue} kicked after the connection was quiesced");
@@ -189,6 +191,7 @@ impl IoThread {
                 log::warn!("queue {queue}: cannot disable notifications: {e}");
             }
             let mut next_avail = v.get_queue().next_avail();
+            let first = next_avail;
             let end = {
                 let mut sink = EngineSink {
                     engine: &mut self.engine,
@@ -203,6 +206,7 @@ impl IoThread {
             // The queue's next_avail drives notification suppression (EVENT_IDX included)
             // as if virtio-queue had popped the chains.
             v.get_queue_mut().set_next_avail(next_avail);
+            self.drained = self.drained.wrapping_add(next_avail.wrapping_sub(first));
             match end {
                 DrainEnd::CaughtUp => {}
                 DrainEnd::Throttled => {

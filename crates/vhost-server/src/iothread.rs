@@ -61,6 +61,10 @@ pub(crate) struct IoThread {
     /// them leaves a guest whose `used_event` is behind the used index; with EVENT_IDX no later
     /// completion would ever reach it (libvhost-user's `signalled_used_valid = false`).
     pub(crate) started: u64,
+    /// Chains the last drain popped off its avail ring (the nap's depth signal).
+    pub(crate) drained: u16,
+    /// Napping while polling (poll.rs).
+    pub(crate) nap: crate::poll::Nap,
 }
 
 impl IoThread {
@@ -88,6 +92,8 @@ impl IoThread {
             inflight: (0..queues).map(|_| None).collect(),
             published: Vec::with_capacity(max_requests),
             started: 0,
+            drained: 0,
+            nap: crate::poll::Nap::default(),
         }
     }
 
