@@ -13,11 +13,15 @@ repetition, and each run records:
   - uringblk only: io_uring_enter calls and SQEs (its final stats), hence SQEs per enter.
 
 Usage:
-  bench/levers.py [--image PATH] [--jobs LIST] [--reps N] [--runtime S] [--ramp S]
+  bench/levers.py [--image PATH | --null] [--jobs LIST] [--reps N] [--runtime S] [--ramp S]
                   [--queues N] [--out NAME] VARIANT...
 VARIANT is NAME=ARGS for a uringblk variant (ARGS are extra server flags, may be empty),
+NAME@DIR=ARGS for one whose uringblk binary is DIR/uringblk (an older build, side by side),
 or `qsd` / `host`. Example:
   bench/levers.py --jobs randread-4k-qd32 default= batch1=--submit-batch=1 qsd host
+--null serves a 1 GiB null backend (uringblk --null, qsd's null-co) instead of the image: no
+disk columns, and `host` is not available.
+BIN_DIR=DIR takes the default uringblk and the load generator from DIR (default target/release).
 
 Writes bench/results/levers/NAME.jsonl (one line per run) and NAME.md (medians), and prints
 the table. Build first: cargo build --release -p uringblk -p uringblk-loadgen.
@@ -39,7 +43,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release"
+BIN = Path(os.environ.get("BIN_DIR", ROOT / "target" / "release"))
+NULL_SIZE = 1 << 30
 
 JOBS = {
     "randread-4k-qd1": ("randread", "4k", 1),
@@ -136,17 +141,19 @@ class Sampler(threading.Thread):
         return sum(self.last_vol.values()) - sum(self.start_vol.values())
 
 
-def start_server(variant, args, image, socket, queues, size):
+def start_server(variant, args, image, socket, queues, size, bindir=None):
     if variant == "qsd":
+        blockdev = (f"driver=null-co,node-name=disk0,size={NULL_SIZE}" if image is None else
+                    f"driver=file,node-name=disk0,filename={image},cache.direct=on,aio=io_uring")
         cmd = [
-            "qemu-storage-daemon", "--object", "iothread,id=io0", "--blockdev",
-            f"driver=file,node-name=disk0,filename={image},cache.direct=on,aio=io_uring",
+            "qemu-storage-daemon", "--object", "iothread,id=io0", "--blockdev", blockdev,
             "--export",
             f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={socket},"
             f"writable=on,num-queues={queues},iothread=io0",
         ]
     else:
-        cmd = [str(BIN / "uringblk"), "--socket", socket, "--image", image,
+        backend = ["--null", str(NULL_SIZE)] if image is None else ["--image", image]
+        cmd = [str(Path(bindir or BIN) / "uringblk"), "--socket", socket] + backend + [
                "--queues", str(queues), "--iothreads", "1", "--cpus", "1"] + shlex.split(args)
     out = tempfile.TemporaryFile()
     err = tempfile.TemporaryFile()
@@ -201,15 +208,18 @@ def run_client(variant, job, image, socket, queues, runtime, ramp):
     return {"iops": r["iops"], "p50_us": r["latency"]["p50_ns"] / 1000}
 
 
-def one_run(variant, args, job, opts, disk):
+def one_run(variant, args, job, opts, disk, bindir=None):
     socket = os.path.join(opts.tmp, f"{variant}.sock")
     if os.path.exists(socket):
         os.unlink(socket)
     server = out = None
+    image = None if opts.null else opts.image
     if variant != "host":
-        server, out, _err = start_server(variant, args, opts.image, socket, opts.queues,
-                                         os.path.getsize(opts.image))
-    d0 = diskstats(disk)
+        server, out, _err = start_server(variant, args, image, socket, opts.queues,
+                                         NULL_SIZE if opts.null else os.path.getsize(opts.image),
+                                         bindir)
+    no_disk = {"ios": 0, "merged": 0, "sectors": 0, "io_ms": 0, "busy_ms": 0, "weighted_ms": 0}
+    d0 = diskstats(disk) if disk else no_disk
     t0 = time.monotonic()
     cpu0 = proc_cpu_s(server.pid) if server else 0.0
     sampler = Sampler(server.pid) if server else None
@@ -217,7 +227,7 @@ def one_run(variant, args, job, opts, disk):
         sampler.start()
     res = run_client(variant, job, opts.image, socket, opts.queues, opts.runtime, opts.ramp)
     wall = time.monotonic() - t0
-    d1 = diskstats(disk)
+    d1 = diskstats(disk) if disk else no_disk
     ios = d1["ios"] - d0["ios"]
     res.update({
         "variant": variant, "args": args, "job": job, "queues": opts.queues,
@@ -231,6 +241,10 @@ def one_run(variant, args, job, opts, disk):
         "disk_kib_per_io": (d1["sectors"] - d0["sectors"]) / 2 / max(ios, 1),
         "disk_merges_per_io": (d1["merged"] - d0["merged"]) / max(ios, 1),
     })
+    if not disk:
+        for k in ("disk_queue_depth", "disk_us_per_io", "disk_idle_pct", "disk_kib_per_io",
+                  "disk_merges_per_io"):
+            del res[k]
     if server:
         sampler.stop.set()
         sampler.join()
@@ -245,6 +259,7 @@ def one_run(variant, args, job, opts, disk):
             sqes = sum(t.get("sqes", 0) for t in stats.get("iothreads", []))
             if enters:
                 res["sqes_per_enter"] = sqes / enters
+            res["naps"] = sum(t.get("naps", 0) for t in stats.get("iothreads", []))
     return res
 
 
@@ -257,37 +272,51 @@ def fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
+def per_cpu_s(rs):
+    """Median IOPS per server CPU-second of runs `rs` (None without CPU figures)."""
+    vals = [r["iops"] * (r["runtime"] + r["ramp"]) / r["server_cpu_s"] for r in rs
+            if r.get("server_cpu_s")]
+    return statistics.median(vals) if vals else None
+
+
 def table(rows, variants, jobs):
-    lines = [
-        "| job | variant | IOPS | vs qsd | p50 µs | server CPU-s | IOPS/CPU-s | SQEs/enter "
-        "| wake-ups/req | io-wq workers | disk QD | disk µs/IO | disk idle % | disk KiB/IO | merges/IO |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    disk = any("disk_queue_depth" in r for r in rows)
+    head = ("| job | variant | IOPS | vs qsd | p50 µs | server CPU-s | cores busy | IOPS/CPU-s "
+            "| per CPU-s vs qsd | SQEs/enter | wake-ups/req | io-wq workers |")
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if disk:
+        head += " disk QD | disk µs/IO | disk idle % | disk KiB/IO | merges/IO |"
+        rule += "---:|---:|---:|---:|---:|"
+    lines = [head, rule]
     for job in jobs:
-        qsd = median([r for r in rows if r["job"] == job and r["variant"] == "qsd"], "iops")
+        qsd_rows = [r for r in rows if r["job"] == job and r["variant"] == "qsd"]
+        qsd, qsd_per_cpu = median(qsd_rows, "iops"), per_cpu_s(qsd_rows)
         for name, _ in variants:
             rs = [r for r in rows if r["job"] == job and r["variant"] == name]
             if not rs:
                 continue
             iops, cpu = median(rs, "iops"), median(rs, "server_cpu_s")
-            per_cpu = None
-            if cpu:
-                per_cpu = statistics.median(
-                    [r["iops"] * (r["runtime"] + r["ramp"]) / r["server_cpu_s"] for r in rs
-                     if r.get("server_cpu_s")])
+            per_cpu = per_cpu_s(rs)
+            busy = statistics.median([r["server_cpu_s"] / (r["runtime"] + r["ramp"]) for r in rs
+                                      if r.get("server_cpu_s") is not None]) if cpu else None
             lo, hi = min(r["iops"] for r in rs), max(r["iops"] for r in rs)
-            lines.append(
+            line = (
                 f"| {job} | {name} | {iops / 1000:.1f}k [{lo / 1000:.1f}–{hi / 1000:.1f}] | "
                 f"{fmt(iops / qsd if qsd else None, '.2f')}× | {fmt(median(rs, 'p50_us'), '.1f')} | "
-                f"{fmt(cpu, '.2f')} | {fmt(per_cpu and per_cpu / 1000, '.0f')}k | "
+                f"{fmt(cpu, '.2f')} | {fmt(busy, '.2f')} | "
+                f"{fmt(per_cpu and per_cpu / 1000, '.0f')}k | "
+                f"{fmt(per_cpu / qsd_per_cpu if per_cpu and qsd_per_cpu else None, '.2f')}× | "
                 f"{fmt(median(rs, 'sqes_per_enter'), '.1f')} | "
                 f"{fmt(median(rs, 'wakeups_per_req'), '.3f')} | "
-                f"{fmt(median(rs, 'iowq_workers'), '.0f')} | "
-                f"{fmt(median(rs, 'disk_queue_depth'), '.1f')} | "
-                f"{fmt(median(rs, 'disk_us_per_io'), '.0f')} | "
-                f"{fmt(median(rs, 'disk_idle_pct'), '.1f')} | "
-                f"{fmt(median(rs, 'disk_kib_per_io'), '.0f')} | "
-                f"{fmt(median(rs, 'disk_merges_per_io'), '.2f')} |")
+                f"{fmt(median(rs, 'iowq_workers'), '.0f')} |")
+            if disk:
+                line += (
+                    f" {fmt(median(rs, 'disk_queue_depth'), '.1f')} | "
+                    f"{fmt(median(rs, 'disk_us_per_io'), '.0f')} | "
+                    f"{fmt(median(rs, 'disk_idle_pct'), '.1f')} | "
+                    f"{fmt(median(rs, 'disk_kib_per_io'), '.0f')} | "
+                    f"{fmt(median(rs, 'disk_merges_per_io'), '.2f')} |")
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -299,6 +328,7 @@ def main():
     ap.add_argument("--runtime", type=float, default=5)
     ap.add_argument("--ramp", type=float, default=1)
     ap.add_argument("--queues", type=int, default=1)
+    ap.add_argument("--null", action="store_true", help="a null backend instead of the image")
     ap.add_argument("--out", default="levers")
     ap.add_argument("variants", nargs="+")
     opts = ap.parse_args()
@@ -306,14 +336,22 @@ def main():
     for j in jobs:
         if j not in JOBS:
             raise SystemExit(f"levers: unknown job {j}; known: {', '.join(JOBS)}")
-    variants = []
+    variants, bindirs = [], {}
     for v in opts.variants:
         name, _, args = v.partition("=")
+        name, _, bindir = name.partition("@")
         variants.append((name, args))
-    if not os.path.exists(opts.image):
-        raise SystemExit(f"levers: {opts.image} missing: run bench/run.sh quick once (it makes "
-                         "and fills the image) or give --image")
-    disk = disk_of(opts.image)
+        if bindir:
+            bindirs[name] = bindir
+    if opts.null:
+        if any(n == "host" for n, _ in variants):
+            raise SystemExit("levers: `host` has no null backend")
+        disk = None
+    else:
+        if not os.path.exists(opts.image):
+            raise SystemExit(f"levers: {opts.image} missing: run bench/run.sh quick once (it "
+                             "makes and fills the image) or give --image")
+        disk = disk_of(opts.image)
     outdir = ROOT / "bench" / "results" / "levers"
     outdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -326,17 +364,20 @@ def main():
                 order = variants[rep % len(variants):] + variants[:rep % len(variants)]
                 for name, args in order:
                     n += 1
-                    r = one_run(name, args, job, opts, disk)
+                    r = one_run(name, args, job, opts, disk, bindirs.get(name))
                     r["rep"], r["runtime"], r["ramp"] = rep, opts.runtime, opts.ramp
                     rows.append(r)
                     raw.write(json.dumps(r) + "\n")
                     raw.flush()
                     log(f"[{n}/{total}] {job} {name}: {r['iops'] / 1000:.1f}k IOPS")
     md = table(rows, variants, jobs)
+    backend = "null backend (1 GiB)" if opts.null else f"image {opts.image} on {disk}"
     head = (f"{opts.reps} × {opts.runtime} s per point after a {opts.ramp} s ramp, "
-            f"{opts.queues} queue(s), image {opts.image} on {disk}; server on CPU 1, client "
+            f"{opts.queues} queue(s), {backend}; server on CPU 1, client "
             f"on CPU 0; medians [min–max]. Variants: "
-            + "; ".join(f"`{n}` = `{a or '(defaults)'}`" for n, a in variants if n not in ("qsd", "host")))
+            + "; ".join(f"`{n}` = `{a or '(defaults)'}`"
+                        + (f" (binary {bindirs[n]})" if n in bindirs else "")
+                        for n, a in variants if n not in ("qsd", "host")))
     (outdir / f"{opts.out}.md").write_text(head + "\n\n" + md + "\n")
     print(head + "\n\n" + md)
 

@@ -543,6 +543,12 @@ impl RunningVm {
         !matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// The last `lines` lines of the guest's console so far, for a test's failure message.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let console = fs::read_to_string(self.work.path().join("console.log")).unwrap_or_default();
+        tail(&console, lines)
+    }
+
     /// Waits for the run to end (killing it at its deadline) and returns what the guest
     /// reported.
     pub fn wait(mut self) -> Result<GuestRun, Error> {

@@ -282,6 +282,7 @@ fn build(cli: &Cli) -> Result<Built, String> {
                 ..MergeLimits::default()
             },
             poll: std::time::Duration::from_micros(cli.poll_us()),
+            poll_nap: std::time::Duration::from_micros(cli.poll_nap_us),
             submit_batch: cli.submit_batch,
             ring_setup: cli.ring_setup,
             iowq_max_workers: cli.iowq_max_workers,

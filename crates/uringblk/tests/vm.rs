@@ -642,10 +642,15 @@ fn the_guest_outlives_server_crashes_and_restarts_under_load() {
                 !guest.is_finished(),
                 "{TEST}: the guest finished before restart {restart}: give fio more to do"
             );
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{TEST}: no guest writes with requests in flight before restart {restart}"
-            );
+            if std::time::Instant::now() >= deadline {
+                panic!(
+                    "{TEST}: no guest writes with requests in flight before restart {restart}\n\
+                     stats: {}\nserver log:\n{}\nguest console:\n{}",
+                    control_request(&control, "stats").unwrap_or_default(),
+                    std::fs::read_to_string(&life.log).unwrap_or_default(),
+                    guest.console_tail(60),
+                );
+            }
             match writes_and_in_flight(&control) {
                 Some((writes, in_flight)) if writes >= 300 && in_flight >= 4 => {
                     eprintln!(
@@ -685,6 +690,18 @@ fn the_guest_outlives_server_crashes_and_restarts_under_load() {
         Err(e) => panic!("{TEST}: {e}"),
     };
     let log = life.signal(libc::SIGTERM);
+    // What each life said about its connections and the inflight region, for the record.
+    for n in 1..=ended_by.len() + 1 {
+        let text =
+            std::fs::read_to_string(dir.path().join(format!("server-{n}.log"))).unwrap_or_default();
+        for line in text.lines().filter(|l| {
+            ["connected", "in-flight", "resubmitted", "inflight"]
+                .iter()
+                .any(|w| l.contains(w))
+        }) {
+            eprintln!("{TEST}: server {n}: {line}");
+        }
+    }
     resubmitted.push(resubmitted_in(&log));
     let names: Vec<_> = ended_by
         .iter()

@@ -40,6 +40,8 @@ pub(crate) struct Inner {
     pub(crate) cache: CacheMode,
     pub(crate) stopping: AtomicBool,
     pub(crate) poll: Duration,
+    /// The longest nap while polling (zero: spin).
+    pub(crate) poll_nap: Duration,
     /// Control-path callers waiting for an iothread's lock: a polling thread yields to them.
     pub(crate) control_waiting: AtomicU32,
     pub(crate) threads: Vec<Mutex<IoThread>>,
@@ -160,6 +162,7 @@ impl VhostUserBlk {
             cache,
             stopping: AtomicBool::new(false),
             poll: cfg.poll,
+            poll_nap: cfg.poll_nap,
             control_waiting: AtomicU32::new(0),
             threads,
             ports,
@@ -343,6 +346,8 @@ impl VhostUserBlk {
                     "enters": c.enters,
                     "sqes": c.sqes,
                     "wakeups": t.wakeups,
+                    "naps": t.nap.naps,
+                    "nap_overruns": t.nap.overruns,
                     "io_fixed_buffers": fixed,
                     "io_plain_buffers": plain,
                 })

@@ -93,6 +93,7 @@ impl IoThread {
     /// re-check after turning them back on so that no kick is lost.
     pub(crate) fn drain_queue(&mut self, inner: &Inner, vring: &Vring, local: usize, queue: u16) {
         self.drain(inner, vring, local, queue, true);
+        self.nap.note_drain(self.drained);
     }
 
     /// Drains a queue; with `rearm` false notifications stay off (the thread is polling).
@@ -107,6 +108,7 @@ impl IoThread {
         queue: u16,
         rearm: bool,
     ) {
+        self.drained = 0;
         if self.current_memory().is_none() {
             if self.connection_over {
                 log::debug!("queue {queue} kicked after the connection was quiesced");
@@ -149,6 +151,16 @@ impl IoThread {
                 Start::Untracked => self.inflight[local] = None,
             }
         }
+        if self.started & (1 << local) != 0 && v.get_call().is_some() {
+            self.started &= !(1 << local);
+            // Completions an earlier server published may never have been signalled: one
+            // interrupt (spurious at worst) lets the guest catch up and move used_event on.
+            if v.get_queue().next_used() != 0 {
+                if let Err(e) = v.signal_used_queue() {
+                    log::warn!("queue {queue}: cannot signal the guest: {e}");
+                }
+            }
+        }
         if let Some(inflight) = self.inflight[local].as_mut() {
             // What an earlier server left in flight goes first, in counter order.
             while let Some(head) = inflight.next_resubmit() {
@@ -179,6 +191,7 @@ impl IoThread {
                 log::warn!("queue {queue}: cannot disable notifications: {e}");
             }
             let mut next_avail = v.get_queue().next_avail();
+            let first = next_avail;
             let end = {
                 let mut sink = EngineSink {
                     engine: &mut self.engine,
@@ -193,6 +206,7 @@ impl IoThread {
             // The queue's next_avail drives notification suppression (EVENT_IDX included)
             // as if virtio-queue had popped the chains.
             v.get_queue_mut().set_next_avail(next_avail);
+            self.drained = self.drained.wrapping_add(next_avail.wrapping_sub(first));
             match end {
                 DrainEnd::CaughtUp => {}
                 DrainEnd::Throttled => {

@@ -223,7 +223,9 @@ fn answer_control_until_stopped(device: &VhostUserBlk, lp: &EventLoop) {
             return;
         }
         if fds[0].revents != 0 {
-            device.thread(lp.thread).serve_control(port, lp.thread);
+            device
+                .thread(lp.thread)
+                .serve_control(port, lp.thread, None);
         }
     }
 }

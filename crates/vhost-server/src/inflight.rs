@@ -90,7 +90,14 @@ impl QueueInflight {
             let addr = used_ring.checked_add(4 + 8 * u64::from(slot % size.max(1)))?;
             read_u32(regions, addr).and_then(|id| u16::try_from(id).ok())
         };
+        let marked = self.part.in_flight();
         let recovery = self.part.recover(used_idx, id_at);
+        log::debug!(
+            "queue {queue}: recovery at used index {used_idx}: {marked} entries marked, {} to \
+             resubmit, next avail {}",
+            recovery.resubmit.len(),
+            recovery.next_avail
+        );
         if self.handed_back || !recovery.resubmit.is_empty() {
             log::info!(
                 "queue {queue}: resubmitted {} requests in flight when the last server stopped",

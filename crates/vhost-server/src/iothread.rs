@@ -7,10 +7,11 @@ use blk_proto::DeviceConfig;
 use engine::Engine;
 
 use crate::control::{ControlMsg, ControlPort};
+use crate::device::Inner;
 use crate::guest_memory::host_regions;
 use crate::inflight::QueueInflight;
 use crate::ratelimit::{error_limited, RateLimit};
-use crate::GuestMem;
+use crate::{GuestMem, Vring};
 
 /// How long an iothread waits for its in-flight I/O to finish at a quiesce.
 pub(crate) const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,6 +56,15 @@ pub(crate) struct IoThread {
     pub(crate) inflight: Vec<Option<QueueInflight>>,
     /// Scratch: the heads of one queue's delivered batch (reused, never shrinks).
     pub(crate) published: Vec<u16>,
+    /// Local queues just started (watched): their first drain signals the guest once if the
+    /// used ring is not empty. A server killed between publishing completions and signalling
+    /// them leaves a guest whose `used_event` is behind the used index; with EVENT_IDX no later
+    /// completion would ever reach it (libvhost-user's `signalled_used_valid = false`).
+    pub(crate) started: u64,
+    /// Chains the last drain popped off its avail ring (the nap's depth signal).
+    pub(crate) drained: u16,
+    /// Napping while polling (poll.rs).
+    pub(crate) nap: crate::poll::Nap,
 }
 
 impl IoThread {
@@ -81,6 +91,9 @@ impl IoThread {
             engine_errors: RateLimit::new(),
             inflight: (0..queues).map(|_| None).collect(),
             published: Vec::with_capacity(max_requests),
+            started: 0,
+            drained: 0,
+            nap: crate::poll::Nap::default(),
         }
     }
 
@@ -111,11 +124,23 @@ impl IoThread {
         waited
     }
 
-    /// Carries out the control messages posted to this thread.
-    pub(crate) fn serve_control(&mut self, port: &ControlPort, thread: usize) {
+    /// Carries out the control messages posted to this thread. `finish` is given at
+    /// shutdown while the frontend is still connected: a quiesce then puts what completes on
+    /// the used rings (and signals the guest) before memory is forgotten, so a clean stop
+    /// leaves nothing for the next server to resubmit. Between connections it is None: the
+    /// frontend already read its rings, and completions are dropped.
+    pub(crate) fn serve_control(
+        &mut self,
+        port: &ControlPort,
+        thread: usize,
+        finish: Option<(&Inner, &[Vring])>,
+    ) {
         while let Some(msg) = port.next() {
             match msg {
                 ControlMsg::Quiesce(reply) => {
+                    if let Some((inner, vrings)) = finish {
+                        self.finish_in_flight(inner, vrings, thread);
+                    }
                     let _ = reply.send(self.forget_connection(thread));
                 }
                 ControlMsg::SetMemory(mem, reply) => {
@@ -127,6 +152,16 @@ impl IoThread {
                 }
             }
         }
+    }
+
+    /// Waits for the requests in flight and delivers them to the guest.
+    fn finish_in_flight(&mut self, inner: &Inner, vrings: &[Vring], thread: usize) {
+        if self.engine.in_flight() > 0 {
+            if let Err(e) = self.engine.wait_idle(QUIESCE_TIMEOUT) {
+                log::error!("iothread {thread}: waiting for in-flight I/O failed: {e}");
+            }
+        }
+        self.deliver(inner, vrings);
     }
 
     /// Submits what was enqueued and reaps what completed. An engine error is survivable

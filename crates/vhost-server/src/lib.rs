@@ -102,6 +102,11 @@ pub struct ServerConfig {
     /// After a batch, keep polling the thread's avail rings and completion queue this long
     /// (with guest notifications off) before sleeping in epoll; 0 disables polling.
     pub poll: Duration,
+    /// While polling, sleep (nanosleep, guest notifications still off) instead of spinning
+    /// when a look finds nothing and the queues run deep, for at most this long a nap; a nap
+    /// that overruns its length by more than this turns napping off for a while (poll.rs).
+    /// Zero: never nap (spin for the whole window).
+    pub poll_nap: Duration,
     /// At most this many SQEs per io_uring_enter (0: a whole drained batch at once).
     pub submit_batch: usize,
     pub ring_setup: RingSetup,
@@ -128,6 +133,7 @@ impl ServerConfig {
             writeback: true,
             merge: MergeLimits::default(),
             poll: Duration::ZERO,
+            poll_nap: Duration::ZERO,
             submit_batch: 0,
             ring_setup: RingSetup::Auto,
             iowq_max_workers: 0,

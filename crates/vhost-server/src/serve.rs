@@ -150,6 +150,9 @@ fn serve_requests(
                 return End::Disconnected;
             }
         };
+        if let Some(h) = &header {
+            log::debug!("frontend request {}", h.name());
+        }
         // A panic in a request's handling would take the protocol thread with it, and the
         // server would stop answering: this connection ends instead, loudly.
         let result = match catch_unwind(AssertUnwindSafe(|| handler.handle_request())) {

@@ -209,6 +209,7 @@ impl Session {
             (kick.as_raw_fd(), v.get_queue().ready() && v.is_enabled())
         };
         if live {
+            self.device.control(thread).started |= 1 << local;
             self.loops[thread]
                 .watch_queue(local, fd)
                 .map_err(|source| SessionError::Watch { index: q, source })
@@ -258,7 +259,7 @@ impl Session {
     ) -> Result<(VhostUserInflight, File), SessionError> {
         let (region, file) = InflightRegion::create(asked.num_queues, asked.queue_size)?;
         let size = vhost_inflight::region_size(asked.num_queues, asked.queue_size);
-        self.inflight = Some(region);
+        self.replace_inflight(region);
         self.inflight_handed_back = false;
         Ok((
             VhostUserInflight::new(size, 0, asked.num_queues, asked.queue_size),
@@ -289,8 +290,24 @@ impl Session {
                 given.queue_size
             );
         }
-        self.inflight = Some(region);
+        self.replace_inflight(region);
         Ok(())
+    }
+
+    /// A new region: queues not running that still hold a part of the old one give it back,
+    /// and take one of the new region when they start. A frontend sends a region only while
+    /// the device is stopped, but a queue it enabled and never started (QEMU enables every
+    /// queue, the firmware kicks only the first) gets no GET_VRING_BASE: it would otherwise
+    /// go on marking its requests in a region the frontend has thrown away, and a crash
+    /// would lose them. A running queue keeps its part: recovering it again mid-run would
+    /// move its avail index back under requests in flight.
+    fn replace_inflight(&mut self, region: Arc<InflightRegion>) {
+        for q in 0..self.vrings.len() {
+            if !self.vrings[q].get_ref().get_queue().ready() {
+                self.take_back_inflight(q);
+            }
+        }
+        self.inflight = Some(region);
     }
 
     fn unwatch(&self, q: usize) {

@@ -3,6 +3,7 @@
 
 use super::*;
 use std::sync::Arc;
+use std::time::Instant;
 
 use blk_proto::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_GET_ID};
 use engine::Storage;
@@ -370,4 +371,128 @@ fn a_read_only_export_answers_writes_discards_and_write_zeroes_with_ioerr() {
         m.read_obj::<u16>(mq.used_addr().unchecked_add(2)).unwrap(),
         3
     );
+}
+
+/// A backend that polls for `window` after each batch (its adaptive window already grown to
+/// the full length) and naps for at most `nap`.
+fn polling_harness(
+    window: Duration,
+    nap: Duration,
+    mq: &MockSplitQueue<Mem>,
+    mem: GuestMem,
+) -> Harness {
+    let backend = VhostUserBlk::new(
+        ServerConfig {
+            poll: window,
+            poll_nap: nap,
+            ..ServerConfig::new(device(1), QSIZE)
+        },
+        Arc::new(Storage::null(1 << 20)),
+    )
+    .unwrap();
+    let h = harness(backend, mq, mem);
+    h.backend.control(0).poll_window = window;
+    h
+}
+
+/// GET_ID chains at heads 0, 3, 6, ...: header at 0x8000 + 0x100 * i, the ID at
+/// 0x9000 + 0x100 * i, the status byte at 0xa000 + i (preset to 0xff). None published yet.
+fn get_id_chains(m: &Mem, mq: &MockSplitQueue<Mem>, n: u16) {
+    let mut descs = Vec::new();
+    for i in 0..n {
+        let (i64_, head) = (u64::from(i), 3 * i);
+        header(m, 0x8000 + 0x100 * i64_, VIRTIO_BLK_T_GET_ID, 0);
+        m.write_obj(0xffu8, GuestAddress(0xa000 + i64_)).unwrap();
+        descs.push(desc(0x8000 + 0x100 * i64_, 16, false, Some(head + 1)));
+        descs.push(desc(0x9000 + 0x100 * i64_, 20, true, Some(head + 2)));
+        descs.push(desc(0xa000 + i64_, 1, true, None));
+    }
+    mq.add_desc_chains(&descs, 0).unwrap();
+    // add_desc_chains published head 0; the tests publish what they need themselves.
+    m.write_obj(0u16, GuestAddress(mq.avail_addr().0 + 2))
+        .unwrap();
+}
+
+/// Publishes chain `i` (head 3 * i) in avail slot `i` of the avail ring at `avail`, then the
+/// avail index `i + 1`.
+fn publish(m: &Mem, avail: u64, i: u16) {
+    m.write_obj(3 * i, GuestAddress(avail + 4 + 2 * u64::from(i)))
+        .unwrap();
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+    m.write_obj(i + 1, GuestAddress(avail + 2)).unwrap();
+}
+
+/// The used index of the used ring at `used`.
+fn used_idx(m: &Mem, used: u64) -> u16 {
+    m.read_obj::<u16>(GuestAddress(used + 2)).unwrap()
+}
+
+#[test]
+fn a_napping_poll_serves_a_chain_published_during_a_nap() {
+    let mem = GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+    let m = mem.memory();
+    let mq = MockSplitQueue::new(&*m, QSIZE);
+    // Naps up to 1 ms: well above what a loaded CI machine takes to wake a thread, so the
+    // bound does not turn napping off here.
+    let window = Duration::from_millis(400);
+    let h = polling_harness(window, Duration::from_millis(1), &mq, mem.clone());
+    get_id_chains(&m, &mq, 3);
+    let (avail, used) = (mq.avail_addr().0, mq.used_addr().0);
+    // Two chains at once: a deep drain, so the poll that follows naps.
+    publish(&m, avail, 0);
+    publish(&m, avail, 1);
+    let served_after = std::thread::scope(|s| {
+        let guest = s.spawn(|| {
+            let m = mem.memory();
+            // The iothread is polling (napping) by now; notifications are off, so nothing
+            // but the poll can find this chain before the window ends.
+            std::thread::sleep(Duration::from_millis(50));
+            publish(&m, avail, 2);
+            let published = Instant::now();
+            while used_idx(&m, used) < 3 && published.elapsed() < Duration::from_secs(5) {
+                std::thread::yield_now();
+            }
+            published.elapsed()
+        });
+        h.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
+            .unwrap();
+        guest.join().unwrap()
+    });
+    assert_eq!(used_idx(&m, used), 3, "all three chains served");
+    for i in 0..3 {
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(0xa000 + i)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+    }
+    // Served by the poll itself, long before its window ran out (and the final look after
+    // the window could have caught it).
+    assert!(
+        served_after < window / 2,
+        "the chain published during the poll waited {served_after:?}"
+    );
+    let t = h.backend.control(0);
+    assert!(t.nap.naps > 0, "the poll never napped");
+}
+
+#[test]
+fn a_qd1_poll_does_not_nap() {
+    let mem = GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+    let m = mem.memory();
+    let mq = MockSplitQueue::new(&*m, QSIZE);
+    let window = Duration::from_millis(20);
+    let h = polling_harness(window, Duration::from_millis(1), &mq, mem.clone());
+    get_id_chains(&m, &mq, 3);
+    let (avail, used) = (mq.avail_addr().0, mq.used_addr().0);
+    // One chain at a time, the next only after the last was served: a QD1 guest.
+    for i in 0..3 {
+        publish(&m, avail, i);
+        h.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
+            .unwrap();
+        assert_eq!(used_idx(&m, used), i + 1);
+    }
+    let t = h.backend.control(0);
+    assert_eq!(t.nap.naps, 0, "a QD1 load napped");
 }

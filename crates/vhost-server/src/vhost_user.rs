@@ -191,7 +191,7 @@ impl VhostUserBackend for VhostUserBlk {
         if t.failed.is_some() {
             // Control messages (quiesce) still get their answer; queues wait for the end.
             if device_event == control_event(n) {
-                t.serve_control(&inner.ports[thread_id], thread_id);
+                t.serve_control(&inner.ports[thread_id], thread_id, None);
             }
             return Ok(());
         }
@@ -211,7 +211,8 @@ impl VhostUserBackend for VhostUserBlk {
         } else if device_event == completion_event(n) {
             t.engine.clear_eventfd();
         } else if device_event == control_event(n) {
-            t.serve_control(&inner.ports[thread_id], thread_id);
+            let finish = stopping.then_some((inner, vrings));
+            t.serve_control(&inner.ports[thread_id], thread_id, finish);
         } else {
             log::warn!("iothread {thread_id}: unexpected event {device_event}");
         }

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub const QUEUE_SIZE: u16 = 128;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 /// Per queue: its rings at queue * RING_STRIDE (descriptors, avail at +0x1000, used at +0x2000).
@@ -207,6 +208,20 @@ impl Queue {
         heads
     }
 
+    /// With EVENT_IDX: the guest asks to be signalled once the used index passes `idx`.
+    pub fn set_used_event(&self, mem: &Memory, idx: u16) {
+        mem.write(
+            self.avail + 4 + 2 * u64::from(QUEUE_SIZE),
+            &idx.to_le_bytes(),
+        );
+        fence(Ordering::SeqCst);
+    }
+
+    /// Whether the server signalled the queue (its call eventfd) since the last take.
+    pub fn take_signal(&self) -> bool {
+        self.call.read().is_ok()
+    }
+
     pub fn used_idx(&self, mem: &Memory) -> u16 {
         mem.u16_at(self.used + 2)
     }
@@ -232,6 +247,8 @@ pub struct TestFrontend {
     inflight: Option<(VhostUserInflight, File)>,
     frontend: Option<Frontend>,
     features: u64,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX (the guest's used_event decides each signal).
+    pub event_idx: bool,
 }
 
 impl TestFrontend {
@@ -242,6 +259,7 @@ impl TestFrontend {
             inflight: None,
             frontend: None,
             features: 0,
+            event_idx: false,
         }
     }
 
@@ -250,6 +268,50 @@ impl TestFrontend {
     /// backend went away (SET_INFLIGHT_FD of the kept region; each vring's base is its used
     /// index).
     pub fn connect(&mut self, socket: &Path) {
+        let mut f = self.handshake(socket);
+        if self.inflight.is_none() {
+            self.inflight = Some(self.get_inflight(&mut f));
+        }
+        let (msg, file) = self.inflight.as_ref().expect("region");
+        f.set_inflight_fd(msg, file.as_raw_fd())
+            .expect("SET_INFLIGHT_FD");
+        f.set_mem_table(&[self.mem.region()])
+            .expect("SET_MEM_TABLE");
+        for q in 0..self.queues.len() {
+            self.start_queue(&mut f, q);
+        }
+        self.frontend = Some(f);
+    }
+
+    /// A first start as QEMU makes it when the firmware drives the disk before Linux does:
+    /// a region, only queue 0 started but every queue enabled, queue 0 stopped (the driver's
+    /// reset), then a new region and every queue started. The second region is the one kept.
+    pub fn connect_after_firmware(&mut self, socket: &Path) {
+        let mut f = self.handshake(socket);
+        let (msg, file) = self.get_inflight(&mut f);
+        f.set_inflight_fd(&msg, file.as_raw_fd())
+            .expect("SET_INFLIGHT_FD");
+        f.set_mem_table(&[self.mem.region()])
+            .expect("SET_MEM_TABLE");
+        self.start_queue(&mut f, 0);
+        for q in 1..self.queues.len() {
+            f.set_vring_call(q, &self.queues[q].call)
+                .expect("SET_VRING_CALL");
+            f.set_vring_enable(q, true).expect("SET_VRING_ENABLE");
+        }
+        f.get_vring_base(0).expect("GET_VRING_BASE");
+        let region = self.get_inflight(&mut f);
+        let (msg, file) = &region;
+        f.set_inflight_fd(msg, file.as_raw_fd())
+            .expect("SET_INFLIGHT_FD");
+        self.inflight = Some(region);
+        for q in 0..self.queues.len() {
+            self.start_queue(&mut f, q);
+        }
+        self.frontend = Some(f);
+    }
+
+    fn handshake(&mut self, socket: &Path) -> Frontend {
         let mut f = connect_retrying(socket, self.queues.len() as u64);
         f.set_owner().expect("SET_OWNER");
         let offered = f.get_features().expect("GET_FEATURES");
@@ -266,41 +328,67 @@ impl TestFrontend {
         f.set_protocol_features(protocol & wanted)
             .expect("SET_PROTOCOL_FEATURES");
         // No FLUSH: the driver is served writethrough, so writes take the disk's time.
-        self.features = offered & (VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES);
+        let event_idx = if self.event_idx {
+            VIRTIO_RING_F_EVENT_IDX
+        } else {
+            0
+        };
+        self.features = offered & (VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES | event_idx);
+        assert_eq!(self.features & event_idx, event_idx, "EVENT_IDX offered");
         f.set_features(self.features).expect("SET_FEATURES");
-        if self.inflight.is_none() {
-            let asked = VhostUserInflight::new(0, 0, self.queues.len() as u16, QUEUE_SIZE);
-            self.inflight = Some(f.get_inflight_fd(&asked).expect("GET_INFLIGHT_FD"));
-        }
-        let (msg, file) = self.inflight.as_ref().expect("region");
-        f.set_inflight_fd(msg, file.as_raw_fd())
-            .expect("SET_INFLIGHT_FD");
-        f.set_mem_table(&[self.mem.region()])
-            .expect("SET_MEM_TABLE");
+        f
+    }
+
+    fn get_inflight(&self, f: &mut Frontend) -> (VhostUserInflight, File) {
+        let asked = VhostUserInflight::new(0, 0, self.queues.len() as u16, QUEUE_SIZE);
+        f.get_inflight_fd(&asked).expect("GET_INFLIGHT_FD")
+    }
+
+    /// Sets queue `i` up and starts it (its base is its used index, as after a reconnect).
+    fn start_queue(&self, f: &mut Frontend, i: usize) {
+        let q = &self.queues[i];
         let base = self.mem.base as u64;
-        for q in &self.queues {
-            let i = usize::from(q.index);
-            f.set_vring_num(i, QUEUE_SIZE).expect("SET_VRING_NUM");
-            f.set_vring_base(i, q.used_idx(&self.mem))
-                .expect("SET_VRING_BASE");
-            f.set_vring_addr(
-                i,
-                &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
-                    flags: 0,
-                    desc_table_addr: base + q.desc,
-                    used_ring_addr: base + q.used,
-                    avail_ring_addr: base + q.avail,
-                    log_addr: None,
-                },
-            )
-            .expect("SET_VRING_ADDR");
-            f.set_vring_kick(i, &q.kick).expect("SET_VRING_KICK");
-            f.set_vring_call(i, &q.call).expect("SET_VRING_CALL");
-            f.set_vring_enable(i, true).expect("SET_VRING_ENABLE");
+        f.set_vring_num(i, QUEUE_SIZE).expect("SET_VRING_NUM");
+        f.set_vring_base(i, q.used_idx(&self.mem))
+            .expect("SET_VRING_BASE");
+        f.set_vring_addr(
+            i,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: base + q.desc,
+                used_ring_addr: base + q.used,
+                avail_ring_addr: base + q.avail,
+                log_addr: None,
+            },
+        )
+        .expect("SET_VRING_ADDR");
+        f.set_vring_kick(i, &q.kick).expect("SET_VRING_KICK");
+        f.set_vring_call(i, &q.call).expect("SET_VRING_CALL");
+        f.set_vring_enable(i, true).expect("SET_VRING_ENABLE");
+    }
+
+    /// The heads of queue `queue` that the kept inflight region marks in flight (popped by
+    /// the server, not yet cleared), read as libvhost-user lays the region out: per queue a
+    /// 16-byte header, then 16 bytes per descriptor (the first the inflight flag), padded to
+    /// 64 bytes.
+    pub fn marked_in_flight(&self, queue: u16) -> Vec<u16> {
+        use std::os::unix::fs::FileExt;
+        let Some((_, file)) = &self.inflight else {
+            return Vec::new();
+        };
+        let part = (16 + 16 * u64::from(QUEUE_SIZE)).div_ceil(64) * 64;
+        let mut entries = vec![0u8; 16 + 16 * usize::from(QUEUE_SIZE)];
+        if file
+            .read_exact_at(&mut entries, u64::from(queue) * part)
+            .is_err()
+        {
+            return Vec::new();
         }
-        self.frontend = Some(f);
+        (0..QUEUE_SIZE)
+            .filter(|&h| entries[16 + 16 * usize::from(h)] == 1)
+            .collect()
     }
 
     /// Forgets the connection (its server is dead); memory, rings and region stay.
