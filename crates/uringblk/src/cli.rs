@@ -431,7 +431,7 @@ mod tests {
     fn napping_is_off_by_default_and_bounded_to_a_millisecond() {
         let base = ["uringblk", "--socket", "/tmp/s", "--null", "1G"];
         let cli = Cli::try_parse_from(base).expect("defaults parse");
-        assert_eq!((cli.poll_nap_us, cli.poll_us), (0, 200));
+        assert_eq!((cli.poll_nap_us, cli.poll_us()), (0, 200));
         let with = |v: &str| {
             let mut args = base.to_vec();
             args.extend(["--poll-nap-us", v]);
