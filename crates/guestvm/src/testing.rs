@@ -166,3 +166,28 @@ impl Drop for QemuStorageDaemon {
         let _ = std::fs::remove_file(&self.socket);
     }
 }
+
+/// fio in the guest: `jobs` jobs, each writing its own `per_job_mib` MiB region of /dev/vda at
+/// random offsets with block sizes from 4k to 64k, QD 16, then reading it all back against
+/// crc32c checksums. With `--verify_only` the same job only reads and verifies what an earlier
+/// run wrote (the offsets and data are reproducible: fio's random seeds are fixed by default).
+pub fn write_verify_job(jobs: u32, per_job_mib: u64) -> String {
+    format!(
+        "[global]
+filename=/dev/vda
+direct=1
+ioengine=libaio
+iodepth=16
+bsrange=4k-64k
+rw=randwrite
+size={per_job_mib}M
+offset_increment={per_job_mib}M
+verify=crc32c
+verify_fatal=1
+# one CPU per job, so every hardware queue carries I/O
+cpus_allowed_policy=split
+[write-verify]
+numjobs={jobs}
+"
+    )
+}

@@ -9,30 +9,10 @@ mod common;
 
 use ceph_support::cluster;
 use common::ServerProcess;
-use guestvm::testing::{guest_or_skip, vm_lock};
+use guestvm::testing::{guest_or_skip, vm_lock, write_verify_job};
 use guestvm::{fio_io_bytes, fio_job_count, VmConfig};
 
 const MIB: u64 = 1 << 20;
-
-fn write_verify_job(jobs: u32, per_job_mib: u64) -> String {
-    format!(
-        "[global]
-filename=/dev/vda
-direct=1
-ioengine=libaio
-iodepth=16
-bsrange=4k-64k
-rw=randwrite
-size={per_job_mib}M
-offset_increment={per_job_mib}M
-verify=crc32c
-verify_fatal=1
-cpus_allowed_policy=split
-[write-verify]
-numjobs={jobs}
-"
-    )
-}
 
 #[test]
 fn rbd_guest_fio_write_verify_on_two_queues_then_again_after_a_restart() {

@@ -112,16 +112,31 @@ impl Drop for Server {
     }
 }
 
-/// Per queue: its requests (writes first, then reads), spread round-robin over the queues.
-fn plan(queues: u16) -> Vec<Vec<(Request, Expect)>> {
-    let mut per_queue: Vec<Vec<(Request, Expect)>> = vec![Vec::new(); queues as usize];
-    for w in 0..WRITES {
-        let r = Request {
+/// The large writethrough writes, one after another from the disk's start.
+fn large_writes() -> Vec<Request> {
+    (0..WRITES)
+        .map(|w| Request {
             write: true,
             offset: w as u64 * u64::from(WRITE_LEN),
             data: WRITE_DATA + w as u64 * u64::from(WRITE_LEN),
             len: WRITE_LEN,
-        };
+        })
+        .collect()
+}
+
+/// A sparse image in `dir`, and where the server's socket goes.
+fn empty_image(dir: &Path) -> (PathBuf, PathBuf) {
+    let image = dir.join("disk.img");
+    File::create(&image)
+        .and_then(|f| f.set_len(IMAGE_LEN))
+        .expect("image");
+    (image, dir.join("blk.sock"))
+}
+
+/// Per queue: its requests (writes first, then reads), spread round-robin over the queues.
+fn plan(queues: u16) -> Vec<Vec<(Request, Expect)>> {
+    let mut per_queue: Vec<Vec<(Request, Expect)>> = vec![Vec::new(); queues as usize];
+    for (w, r) in large_writes().into_iter().enumerate() {
         per_queue[w % queues as usize].push((r, Expect::Write(w)));
     }
     for n in 0..READS {
@@ -317,11 +332,7 @@ fn requests_in_flight_at_a_kill_9_complete_once_after_the_restart_two_queues() {
 #[test]
 fn a_restarted_server_signals_what_its_predecessor_published_unsignalled() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("disk.img");
-    File::create(&image)
-        .and_then(|f| f.set_len(IMAGE_LEN))
-        .expect("image");
-    let socket = dir.path().join("blk.sock");
+    let (image, socket) = empty_image(dir.path());
     let read = |n: u64| Request {
         write: false,
         offset: n * 4096,
@@ -366,19 +377,8 @@ fn a_clean_stop_puts_what_was_in_flight_on_the_used_ring() {
             .prefix("uringblk-clean-stop")
             .tempdir_in("/var/tmp")
             .expect("dir under /var/tmp");
-        let image = dir.path().join("disk.img");
-        File::create(&image)
-            .and_then(|f| f.set_len(IMAGE_LEN))
-            .expect("image");
-        let socket = dir.path().join("blk.sock");
-        let writes: Vec<Request> = (0..WRITES)
-            .map(|w| Request {
-                write: true,
-                offset: w as u64 * u64::from(WRITE_LEN),
-                data: WRITE_DATA + w as u64 * u64::from(WRITE_LEN),
-                len: WRITE_LEN,
-            })
-            .collect();
+        let (image, socket) = empty_image(dir.path());
+        let writes = large_writes();
         let mut fe = TestFrontend::new(GUEST_LEN, 1);
         for (w, r) in writes.iter().enumerate() {
             fe.mem
@@ -437,19 +437,8 @@ fn a_queue_enabled_before_a_new_region_marks_its_requests_in_the_new_one() {
         .prefix("uringblk-new-region")
         .tempdir_in("/var/tmp")
         .expect("dir under /var/tmp");
-    let image = dir.path().join("disk.img");
-    File::create(&image)
-        .and_then(|f| f.set_len(IMAGE_LEN))
-        .expect("image");
-    let socket = dir.path().join("blk.sock");
-    let writes: Vec<Request> = (0..WRITES)
-        .map(|w| Request {
-            write: true,
-            offset: w as u64 * u64::from(WRITE_LEN),
-            data: WRITE_DATA + w as u64 * u64::from(WRITE_LEN),
-            len: WRITE_LEN,
-        })
-        .collect();
+    let (image, socket) = empty_image(dir.path());
+    let writes = large_writes();
     for n in 1..=ATTEMPTS {
         let mut fe = TestFrontend::new(GUEST_LEN, 2);
         let mut server = Server::start(&socket, &image, 2, dir.path().join(format!("{n}.log")));

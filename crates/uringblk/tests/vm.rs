@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::MutexGuard;
 
 use common::{Image, ServerProcess};
-use guestvm::testing::{guest_or_skip, vm_lock};
+use guestvm::testing::{guest_or_skip, vm_lock, write_verify_job};
 use guestvm::{fio_io_bytes, fio_job_count, GuestRun, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -65,31 +65,6 @@ fn boot(test: &str, config: &VmConfig) -> GuestRun {
         }
         Err(e) => panic!("{test}: {e}"),
     }
-}
-
-/// fio: `jobs` jobs, each writing its own `per_job_mib` MiB region at random offsets with
-/// block sizes from 4k to 64k, QD 16, then reading it all back against crc32c checksums.
-/// With `--verify_only` the same job only reads and verifies what an earlier run wrote (the
-/// offsets and data are reproducible: fio's random seeds are fixed by default).
-fn write_verify_job(jobs: u32, per_job_mib: u64) -> String {
-    format!(
-        "[global]
-filename=/dev/vda
-direct=1
-ioengine=libaio
-iodepth=16
-bsrange=4k-64k
-rw=randwrite
-size={per_job_mib}M
-offset_increment={per_job_mib}M
-verify=crc32c
-verify_fatal=1
-# one CPU per job, so every hardware queue carries I/O
-cpus_allowed_policy=split
-[write-verify]
-numjobs={jobs}
-"
-    )
 }
 
 fn assert_fio_wrote_and_verified(test: &str, run: &GuestRun, jobs: u32, bytes: u64) {
