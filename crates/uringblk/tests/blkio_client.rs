@@ -11,9 +11,9 @@ mod common;
 use blkio::{Blkioq, ReqFlags};
 use blkio_support::workload::{self, Params};
 use blkio_support::{
-    allocated_bytes, check_file, check_old_or_new, connect, describe_ret, discard, flush, pattern,
-    read_at, read_vec, wait, wait_one, within, write_at, write_slice, write_zeroes, Client,
-    ClientOptions, DiskModel, Rng, SharedBuf, MIB, SECTOR,
+    allocated_bytes, check_file, check_old_or_new, connect, describe_ret, discard, expect_ok,
+    flush, pattern, read_at, read_vec, submit_pattern_writes, wait, wait_one, within, write_at,
+    write_slice, write_zeroes, Client, ClientOptions, DiskModel, Rng, SharedBuf, MIB, SECTOR,
 };
 use common::{Image, ServerProcess};
 use std::path::Path;
@@ -35,10 +35,6 @@ fn stop(server: ServerProcess) {
 
 fn one_queue() -> ClientOptions {
     ClientOptions::default()
-}
-
-fn expect_ok(ret: i32, what: &str) {
-    assert_eq!(ret, 0, "{what}: {}", describe_ret(ret));
 }
 
 fn expect_err(ret: i32, expected: i32, what: &str) {
@@ -1023,17 +1019,7 @@ fn disconnect_with_requests_in_flight_then_reconnect() {
             session(&socket, 2, |client| {
                 for index in 0..2 {
                     let (queue, buf) = client.queue(index);
-                    for slot in 0..32 {
-                        let at = (index * 32 + slot) * chunk;
-                        buf.copy_in(at, &pattern(at as u64, chunk, seed));
-                        queue.write(
-                            at as u64,
-                            buf.ptr(at, chunk),
-                            chunk,
-                            slot,
-                            ReqFlags::empty(),
-                        );
-                    }
+                    submit_pattern_writes(queue, buf, index * 32 * chunk, chunk, 32, seed);
                     // Submits them; whatever completes by now is not waited for.
                     for done in wait(queue, 0) {
                         expect_ok(done.ret, "write completed before the disconnect");

@@ -19,18 +19,15 @@ use std::time::{Duration, Instant};
 use blkio::ReqFlags;
 use blkio_support::workload::{self, Params};
 use blkio_support::{
-    check_file, check_old_or_new, connect, describe_ret, discard, flush, pattern, read_vec, wait,
-    within, write_at, write_slice, write_zeroes, Client, ClientOptions, DiskModel, MIB,
+    check_file, check_old_or_new, connect, discard, expect_ok, flush, pattern, read_vec,
+    submit_pattern_writes, wait, within, write_at, write_slice, write_zeroes, Client,
+    ClientOptions, DiskModel, MIB,
 };
 use ceph_support::{cluster, Cluster, RbdImage};
 use common::{spawn_server, ServerProcess};
 
 const TEST_DEADLINE: Duration = Duration::from_secs(300);
 const DISK: u64 = 64 * MIB;
-
-fn expect_ok(ret: i32, what: &str) {
-    assert_eq!(ret, 0, "{what}: {}", describe_ret(ret));
-}
 
 fn serve(c: &Cluster, image: &RbdImage<'_>, extra: &[&str]) -> ServerProcess {
     let spec = image.spec();
@@ -333,17 +330,7 @@ fn rbd_kill_9_and_restart_keeps_the_data() {
         write_pattern(&mut client, &mut model, 16 * MIB, 4 * MIB as usize, 61);
         expect_ok(flush(&mut client.queues[0]), "flush");
         let (queue, buf) = client.queue(0);
-        for slot in 0..32 {
-            let at = slot * chunk;
-            buf.copy_in(at, &pattern(at as u64, chunk, 62));
-            queue.write(
-                at as u64,
-                buf.ptr(at, chunk),
-                chunk,
-                slot,
-                ReqFlags::empty(),
-            );
-        }
+        submit_pattern_writes(queue, buf, 0, chunk, 32, 62);
         // Submitted; killed before (most of) them complete.
         for done in wait(queue, 0) {
             expect_ok(done.ret, "write completed before the kill");

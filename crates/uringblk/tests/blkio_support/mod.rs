@@ -337,6 +337,35 @@ pub fn write_at(
     wait_one(queue, 2)
 }
 
+/// A request's result must be success.
+pub fn expect_ok(ret: i32, what: &str) {
+    assert_eq!(ret, 0, "{what}: {}", describe_ret(ret));
+}
+
+/// Submits `count` writes of `chunk` bytes of `pattern(.., seed)`, back to back from disk (and
+/// buffer) offset `first`, user data = their slot, without waiting for them: the load a test
+/// cuts off (a kill, a disconnect).
+pub fn submit_pattern_writes(
+    queue: &mut Blkioq,
+    buf: &SharedBuf,
+    first: usize,
+    chunk: usize,
+    count: usize,
+    seed: u64,
+) {
+    for slot in 0..count {
+        let at = first + slot * chunk;
+        buf.copy_in(at, &pattern(at as u64, chunk, seed));
+        queue.write(
+            at as u64,
+            buf.ptr(at, chunk),
+            chunk,
+            slot,
+            ReqFlags::empty(),
+        );
+    }
+}
+
 /// Writes `data` at `offset` (through the start of the shared buffer), failing on error.
 pub fn write_slice(queue: &mut Blkioq, buf: &SharedBuf, offset: u64, data: &[u8]) {
     buf.copy_in(0, data);
