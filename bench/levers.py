@@ -13,14 +13,17 @@ repetition, and each run records:
   - uringblk only: io_uring_enter calls and SQEs (its final stats), hence SQEs per enter.
 
 Usage:
-  bench/levers.py [--image PATH | --null] [--jobs LIST] [--reps N] [--runtime S] [--ramp S]
+  bench/levers.py [--image PATH | --null | --rbd POOL/IMAGE --ceph-conf PATH] [--jobs LIST] [--reps N] [--runtime S] [--ramp S]
                   [--queues N] [--out NAME] VARIANT...
 VARIANT is NAME=ARGS for a uringblk variant (ARGS are extra server flags, may be empty),
 NAME@DIR=ARGS for one whose uringblk binary is DIR/uringblk (an older build, side by side),
-or `qsd` / `host`. Example:
+or `qsd` / `host`. With --rbd, `qsd-NAME=KEY=VALUE ...` is qemu-storage-daemon with those
+librados options added to (a copy of) the ceph.conf. Example:
   bench/levers.py --jobs randread-4k-qd32 default= batch1=--submit-batch=1 qsd host
 --null serves a 1 GiB null backend (uringblk --null, qsd's null-co) instead of the image: no
-disk columns, and `host` is not available.
+disk columns, and `host` is not available. --rbd serves an existing RBD image of the cluster
+that --ceph-conf names (uringblk --rbd, qsd's rbd driver with cache.direct=on), e.g. one that
+scripts/ceph-cluster.sh started; no disk columns and no `host` either.
 BIN_DIR=DIR takes the default uringblk and the load generator from DIR (default target/release).
 
 Writes bench/results/levers/NAME.jsonl (one line per run) and NAME.md (medians), and prints
@@ -141,10 +144,34 @@ class Sampler(threading.Thread):
         return sum(self.last_vol.values()) - sum(self.start_vol.values())
 
 
-def start_server(variant, args, image, socket, queues, size, bindir=None):
-    if variant == "qsd":
-        blockdev = (f"driver=null-co,node-name=disk0,size={NULL_SIZE}" if image is None else
-                    f"driver=file,node-name=disk0,filename={image},cache.direct=on,aio=io_uring")
+def is_qsd(variant):
+    return variant == "qsd" or variant.startswith("qsd-")
+
+
+def qsd_ceph_conf(conf, args, tmp, variant):
+    """A private copy of ceph.conf with a qsd variant's KEY=VALUE librados options."""
+    if not args:
+        return conf
+    lines = [f"{k} = {v}" for k, _, v in (a.partition("=") for a in shlex.split(args))]
+    path = os.path.join(tmp, f"{variant}.conf")
+    with open(path, "w") as f:
+        f.write(Path(conf).read_text() + "\n[client]\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def start_server(variant, args, backend, socket, queues, bindir=None, tmp=None):
+    """backend: ("null",), ("image", PATH) or ("rbd", POOL/IMAGE, CONF)."""
+    if is_qsd(variant):
+        if backend[0] == "null":
+            blockdev = f"driver=null-co,node-name=disk0,size={NULL_SIZE}"
+        elif backend[0] == "image":
+            blockdev = (f"driver=file,node-name=disk0,filename={backend[1]},cache.direct=on,"
+                        "aio=io_uring")
+        else:
+            pool, _, image = backend[1].partition("/")
+            conf = qsd_ceph_conf(backend[2], args, tmp, variant)
+            blockdev = (f"driver=rbd,node-name=disk0,pool={pool},image={image},"
+                        f"conf={conf},cache.direct=on")
         cmd = [
             "qemu-storage-daemon", "--object", "iothread,id=io0", "--blockdev", blockdev,
             "--export",
@@ -152,8 +179,10 @@ def start_server(variant, args, image, socket, queues, size, bindir=None):
             f"writable=on,num-queues={queues},iothread=io0",
         ]
     else:
-        backend = ["--null", str(NULL_SIZE)] if image is None else ["--image", image]
-        cmd = [str(Path(bindir or BIN) / "uringblk"), "--socket", socket] + backend + [
+        flags = {"null": lambda: ["--null", str(NULL_SIZE)],
+                 "image": lambda: ["--image", backend[1]],
+                 "rbd": lambda: ["--rbd", backend[1], "--ceph-conf", backend[2]]}[backend[0]]()
+        cmd = [str(Path(bindir or BIN) / "uringblk"), "--socket", socket] + flags + [
                "--queues", str(queues), "--iothreads", "1", "--cpus", "1"] + shlex.split(args)
     out = tempfile.TemporaryFile()
     err = tempfile.TemporaryFile()
@@ -213,11 +242,9 @@ def one_run(variant, args, job, opts, disk, bindir=None):
     if os.path.exists(socket):
         os.unlink(socket)
     server = out = None
-    image = None if opts.null else opts.image
     if variant != "host":
-        server, out, _err = start_server(variant, args, image, socket, opts.queues,
-                                         NULL_SIZE if opts.null else os.path.getsize(opts.image),
-                                         bindir)
+        server, out, _err = start_server(variant, args, opts.backend, socket, opts.queues,
+                                         bindir, opts.tmp)
     no_disk = {"ios": 0, "merged": 0, "sectors": 0, "io_ms": 0, "busy_ms": 0, "weighted_ms": 0}
     d0 = diskstats(disk) if disk else no_disk
     t0 = time.monotonic()
@@ -329,6 +356,8 @@ def main():
     ap.add_argument("--ramp", type=float, default=1)
     ap.add_argument("--queues", type=int, default=1)
     ap.add_argument("--null", action="store_true", help="a null backend instead of the image")
+    ap.add_argument("--rbd", metavar="POOL/IMAGE", help="an RBD image instead of the file")
+    ap.add_argument("--ceph-conf", help="the cluster's ceph.conf, for --rbd")
     ap.add_argument("--out", default="levers")
     ap.add_argument("variants", nargs="+")
     opts = ap.parse_args()
@@ -343,15 +372,21 @@ def main():
         variants.append((name, args))
         if bindir:
             bindirs[name] = bindir
-    if opts.null:
+    if opts.null and opts.rbd:
+        raise SystemExit("levers: --null or --rbd, not both")
+    if opts.rbd and not opts.ceph_conf:
+        raise SystemExit("levers: --rbd needs --ceph-conf")
+    if opts.null or opts.rbd:
         if any(n == "host" for n, _ in variants):
-            raise SystemExit("levers: `host` has no null backend")
+            raise SystemExit("levers: `host` needs the file backend")
         disk = None
+        opts.backend = ("null",) if opts.null else ("rbd", opts.rbd, opts.ceph_conf)
     else:
         if not os.path.exists(opts.image):
             raise SystemExit(f"levers: {opts.image} missing: run bench/run.sh quick once (it "
                              "makes and fills the image) or give --image")
         disk = disk_of(opts.image)
+        opts.backend = ("image", opts.image)
     outdir = ROOT / "bench" / "results" / "levers"
     outdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -371,13 +406,14 @@ def main():
                     raw.flush()
                     log(f"[{n}/{total}] {job} {name}: {r['iops'] / 1000:.1f}k IOPS")
     md = table(rows, variants, jobs)
-    backend = "null backend (1 GiB)" if opts.null else f"image {opts.image} on {disk}"
+    backend = ("null backend (1 GiB)" if opts.null else f"RBD image {opts.rbd}" if opts.rbd
+               else f"image {opts.image} on {disk}")
     head = (f"{opts.reps} × {opts.runtime} s per point after a {opts.ramp} s ramp, "
             f"{opts.queues} queue(s), {backend}; server on CPU 1, client "
             f"on CPU 0; medians [min–max]. Variants: "
             + "; ".join(f"`{n}` = `{a or '(defaults)'}`"
                         + (f" (binary {bindirs[n]})" if n in bindirs else "")
-                        for n, a in variants if n not in ("qsd", "host")))
+                        for n, a in variants if n != "host" and (n != "qsd" or a)))
     (outdir / f"{opts.out}.md").write_text(head + "\n\n" + md + "\n")
     print(head + "\n\n" + md)
 

@@ -67,6 +67,17 @@ pub struct Cli {
     )]
     pub ceph_keyring: Option<PathBuf>,
 
+    /// A librbd/librados option for --rbd, KEY=VALUE (repeatable), set after --ceph-conf is read
+    /// and after uringblk's own defaults, so it overrides both (e.g. ms_async_op_threads=1).
+    #[arg(
+        long,
+        value_name = "KEY=VALUE",
+        value_parser = parse_ceph_option,
+        requires = "rbd",
+        conflicts_with_all = ["null", "image"]
+    )]
+    pub ceph_option: Vec<(String, String)>,
+
     /// Seconds --rbd waits for the cluster (monitors, pool lookup) before giving up at start.
     #[arg(
         long,
@@ -247,6 +258,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// "KEY=VALUE" for --ceph-option: a non-empty key without spaces; the value may be empty.
+pub fn parse_ceph_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.is_empty() && !key.contains(char::is_whitespace) => {
+            Ok((key.to_owned(), value.to_owned()))
+        }
+        _ => Err(format!(
+            "'{s}' is not KEY=VALUE (e.g. ms_async_op_threads=1)"
+        )),
+    }
+}
+
 /// "0,2,3" or "0-3" or a mix; every CPU must exist on this machine.
 pub fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -393,9 +416,21 @@ mod tests {
             "/k",
             "--ceph-connect-timeout",
             "3",
+            "--ceph-option",
+            "rbd_op_threads=2",
+            "--ceph-option",
+            "log_file=",
         ])
         .expect("every ceph flag");
         assert_eq!(cli.ceph_keyring, Some(PathBuf::from("/k")));
+        assert_eq!(
+            cli.ceph_option,
+            [
+                ("rbd_op_threads".to_owned(), "2".to_owned()),
+                ("log_file".to_owned(), String::new())
+            ],
+            "in order, an empty value kept"
+        );
         assert_eq!(cli.ceph_connect_timeout, 3);
         for bad in [
             &["--rbd", "nopool"][..],
@@ -407,6 +442,9 @@ mod tests {
             &["--ceph-id", "u", "--image", "/x"],
             &["--ceph-connect-timeout", "3", "--null", "1G"],
             &["--rbd", "p/i", "--ceph-connect-timeout", "0"],
+            &["--rbd", "p/i", "--ceph-option", "novalue"],
+            &["--rbd", "p/i", "--ceph-option", "=1"],
+            &["--ceph-option", "a=1", "--image", "/x"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} must be refused");
         }

@@ -226,6 +226,8 @@ fn build(cli: &Cli) -> Result<Built, String> {
                 conf: cli.ceph_conf.clone(),
                 id: cli.ceph_id.clone(),
                 keyring: cli.ceph_keyring.clone(),
+                iothreads: iothread_count(cli),
+                extra_options: cli.ceph_option.clone(),
                 connect_timeout: std::time::Duration::from_secs(cli.ceph_connect_timeout),
                 read_only,
             };

@@ -522,3 +522,78 @@ fn rbd_start_errors_exit_2_before_the_socket() {
     let (e, _) = start_error(&["--rbd", "rbd/x", "--ceph-conf", c.conf_arg(), "--buffered"]);
     assert!(e.contains("not --rbd"), "{e}");
 }
+
+/// `config get KEY` through the server's librados admin socket.
+fn librados_config(asok: &Path, key: &str) -> String {
+    let out = Command::new("ceph")
+        .arg("--admin-daemon")
+        .arg(asok)
+        .args(["config", "get", key])
+        .output()
+        .expect("run ceph --admin-daemon");
+    assert!(out.status.success(), "config get {key}: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("config get is JSON");
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {key} in {v}"))
+        .to_owned()
+}
+
+#[test]
+fn rbd_librbd_defaults_apply_and_ceph_option_overrides_them() {
+    let Some(c) = cluster("rbd_librbd_defaults_apply_and_ceph_option_overrides_them") else {
+        return;
+    };
+    let image = c.image("16M");
+    let asok_arg = "admin_socket={dir}/client.asok";
+    let server = serve(
+        c,
+        &image,
+        &[
+            "--queues",
+            "2",
+            "--iothreads",
+            "2",
+            "--ceph-option",
+            asok_arg,
+        ],
+    );
+    let asok = server.dir().join("client.asok");
+    assert_eq!(librados_config(&asok, "rbd_cache"), "false");
+    assert_eq!(
+        librados_config(&asok, "rbd_non_blocking_aio"),
+        "false",
+        "ops are dispatched in the iothread"
+    );
+    assert_eq!(
+        librados_config(&asok, "librados_thread_count"),
+        "2",
+        "one completion thread per iothread"
+    );
+    stop(server);
+    let server = serve(
+        c,
+        &image,
+        &[
+            "--ceph-option",
+            asok_arg,
+            "--ceph-option",
+            "librados_thread_count=3",
+            "--ceph-option",
+            "rbd_non_blocking_aio=true",
+        ],
+    );
+    let asok = server.dir().join("client.asok");
+    assert_eq!(librados_config(&asok, "librados_thread_count"), "3");
+    assert_eq!(librados_config(&asok, "rbd_non_blocking_aio"), "true");
+    stop(server);
+    let (e, _) = start_error(&[
+        "--rbd",
+        &image.spec(),
+        "--ceph-conf",
+        c.conf_arg(),
+        "--ceph-option",
+        "no_such_option=1",
+    ]);
+    assert!(e.contains("no_such_option"), "{e}");
+}
