@@ -88,6 +88,10 @@ mon data = $dir/mon
 osd data = $dir/osd
 osd objectstore = memstore
 memstore device bytes = ${CEPH_MEMSTORE_BYTES:-4294967296}
+# Objects as fixed pages, written in place. The default (a bufferlist per object) fragments
+# under random 4k writes, and reads then slow down run after run (measured: random read QD32
+# 15.9K IOPS with pages, 9.7K without on a freshly filled image; random write 6-7K vs 2.6K).
+memstore page set = true
 osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg autoscale mode = off
