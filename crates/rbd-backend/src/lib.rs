@@ -60,6 +60,10 @@ pub enum RbdBackendError {
 #[derive(Debug)]
 pub struct RbdStorage {
     image: Arc<Image>,
+    /// This storage's own pool context and connection (no other image uses them), so that
+    /// [`RbdStorage::close`] can end them on the thread that exits.
+    ioctx: Arc<IoCtx>,
+    cluster: Arc<Cluster>,
     spec: ImageSpec,
     watch: Mutex<Option<UpdateWatch>>,
     /// Set by [`RbdStorage::close`]: ops are refused from then on.
@@ -114,6 +118,8 @@ impl RbdStorage {
         )?;
         let storage = RbdStorage {
             image,
+            ioctx,
+            cluster,
             spec: opts.spec.clone(),
             watch: Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -146,28 +152,45 @@ impl RbdStorage {
     }
 
     /// Calls `on_update` (on a librbd thread: it must be quick) whenever the image's header
-    /// changes, e.g. someone ran `rbd resize`. Kept until the storage is dropped.
+    /// changes, e.g. someone ran `rbd resize`. Kept until [`RbdStorage::unwatch`] or
+    /// [`RbdStorage::close`]; dropping the callback then is the watcher's cue to end.
     pub fn watch_updates(&self, on_update: Box<dyn Fn() + Send + Sync>) -> Result<(), RbdError> {
         let watch = self.image.update_watch(on_update)?;
         *self.watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(watch);
         Ok(())
+    }
+
+    /// Unregisters the header watch (waiting for a running callback) and drops its callback.
+    pub fn unwatch(&self) {
+        drop(self.watch.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 
 impl RbdStorage {
     /// At exit, once the device stopped taking requests and nothing is in flight: unwatches
     /// and closes the image, which releases its exclusive lock (a restarted server, or anyone
-    /// else, can write at once). Ops started later fail with EIO.
+    /// else, can write at once), then ends the pool context and the cluster connection, which
+    /// joins librados's threads before the process runs its exit handlers. Ops started later
+    /// fail with EIO.
     ///
     /// # Safety
     /// No op is in flight and none is being started: the device's begin_stop and a
-    /// successful quiesce came first (an op that still arrives sees `closed` and is refused).
+    /// successful quiesce came first (an op that still arrives sees `closed` and is refused),
+    /// and no thread is inside [`RbdStorage::size`] (a header watcher was joined after
+    /// [`RbdStorage::unwatch`]).
     pub unsafe fn close(&self) -> Result<(), RbdError> {
         self.closed.store(true, Ordering::SeqCst);
-        drop(self.watch.lock().unwrap_or_else(|p| p.into_inner()).take());
-        // SAFETY: the caller promises no I/O runs or starts; the watch is gone; `closed`
-        // keeps size/resize/flush from this backend away too.
-        unsafe { self.image.close() }
+        self.unwatch();
+        // SAFETY: the caller promises no I/O or other call runs or starts; the watch is gone;
+        // `closed` keeps size/resize/flush from this backend away too.
+        let closed = unsafe { self.image.close() };
+        // SAFETY: the image, the only one opened on this context, is closed (librbd frees
+        // the handle even when rbd_close reports an error), and nothing else uses either.
+        unsafe {
+            self.ioctx.destroy();
+            self.cluster.shutdown();
+        }
+        closed
     }
 }
 

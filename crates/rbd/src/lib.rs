@@ -14,6 +14,7 @@ pub mod ffi;
 use std::ffi::{c_void, CString};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,11 +95,14 @@ pub struct ConnectOptions {
 /// A connected cluster handle (rados_t).
 pub struct Cluster {
     raw: ffi::rados_t,
+    /// Set by [`Cluster::shutdown`] (Drop then leaves it alone).
+    shut_down: AtomicBool,
 }
 
 // SAFETY: librados' cluster handle is thread-safe (its calls take their own locks); we only
-// hand it to librados and shut it down once, in Drop, when no ioctx refers to it any more
-// (each IoCtx holds an Arc<Cluster>).
+// hand it to librados and shut it down once (the `shut_down` swap), in Drop when no ioctx
+// refers to it any more (each IoCtx holds an Arc<Cluster>), or earlier by a caller of the
+// unsafe shutdown that promises the same.
 unsafe impl Send for Cluster {}
 // SAFETY: as for Send: shared use from several threads is what librados supports.
 unsafe impl Sync for Cluster {}
@@ -125,7 +129,10 @@ impl Cluster {
             });
         }
         // From here the handle is shut down by Drop on every error path.
-        let cluster = Cluster { raw };
+        let cluster = Cluster {
+            raw,
+            shut_down: AtomicBool::new(false),
+        };
         let conf = cstring(&opts.conf.to_string_lossy(), "the --ceph-conf path")?;
         // SAFETY: a handle from rados_create2, not yet connected; a NUL-terminated path.
         let rc = unsafe { ffi::rados_conf_read_file(cluster.raw, conf.as_ptr()) };
@@ -177,17 +184,36 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Disconnects and joins librados's threads now, before the last reference goes. A
+    /// process that exits with the handle still open ends while those threads run, and one
+    /// that reads the global config while C++ static destructors tear it down crashes the
+    /// exit (seen as a SIGSEGV in `Option` lookup under `__cxa_finalize`).
+    ///
+    /// # Safety
+    /// Every IoCtx opened on this cluster is destroyed and no call on it runs or will start.
+    pub unsafe fn shutdown(&self) {
+        if self.shut_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: the handle came from rados_create2, is shut down once (the swap above), and
+        // by the caller's promise nothing uses it now or later.
+        unsafe { ffi::rados_shutdown(self.raw) };
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // SAFETY: the handle came from rados_create2 and nothing uses it any more (every
-        // IoCtx holds an Arc to this Cluster); shut down exactly once.
-        unsafe { ffi::rados_shutdown(self.raw) };
+        // SAFETY: nothing uses the handle any more: every IoCtx holds an Arc to this Cluster.
+        unsafe { self.shutdown() };
     }
 }
 
 /// A pool's I/O context.
 pub struct IoCtx {
     raw: ffi::rados_ioctx_t,
+    /// Set by [`IoCtx::destroy`] (Drop then leaves it alone).
+    destroyed: AtomicBool,
     _cluster: Arc<Cluster>,
 }
 
@@ -218,15 +244,30 @@ impl IoCtx {
         }
         Ok(Arc::new(IoCtx {
             raw,
+            destroyed: AtomicBool::new(false),
             _cluster: cluster.clone(),
         }))
+    }
+
+    /// Destroys the context before its last reference goes (at exit, ahead of
+    /// [`Cluster::shutdown`]).
+    ///
+    /// # Safety
+    /// Every image opened on this context is closed and no call on it runs or will start.
+    pub unsafe fn destroy(&self) {
+        if self.destroyed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: from rados_ioctx_create, destroyed once (the swap above), and by the
+        // caller's promise unused now and later.
+        unsafe { ffi::rados_ioctx_destroy(self.raw) };
     }
 }
 
 impl Drop for IoCtx {
     fn drop(&mut self) {
-        // SAFETY: from rados_ioctx_create, unused by anyone now, destroyed once.
-        unsafe { ffi::rados_ioctx_destroy(self.raw) };
+        // SAFETY: unused by anyone now: every Image holds an Arc to this IoCtx.
+        unsafe { self.destroy() };
     }
 }
 
@@ -235,7 +276,7 @@ pub struct Image {
     raw: ffi::rbd_image_t,
     read_only: bool,
     /// Closed by [`Image::close`] (Drop then leaves it alone).
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
     _ioctx: Arc<IoCtx>,
 }
 
@@ -289,7 +330,7 @@ impl Image {
         Ok(Arc::new(Image {
             raw,
             read_only,
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             _ioctx: ioctx.clone(),
         }))
     }
@@ -306,7 +347,7 @@ impl Image {
     /// No other call on this image (I/O, size, resize, flush) is running or will start, and
     /// every UpdateWatch on it is gone; no op is in flight.
     pub unsafe fn close(&self) -> Result<(), RbdError> {
-        if self.closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         // SAFETY: from rbd_open*, not closed before (the swap above), and by the caller's

@@ -91,9 +91,7 @@ fn main() -> ExitCode {
         }
         None => None,
     };
-    if let Some(rbd) = &rbd {
-        watch_rbd_size(rbd, &backend);
-    }
+    let rbd_watcher = rbd.as_ref().and_then(|rbd| watch_rbd_size(rbd, &backend));
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
         let (backend, stop, socket) = (backend.clone(), stop.clone(), cli.socket.clone());
@@ -127,16 +125,38 @@ fn main() -> ExitCode {
     if let Err(e) = storage.sync() {
         log::error!("final sync of the image failed: {e}");
     }
-    if let (Some(rbd), Ok(())) = (&rbd, &quiesced) {
-        // SAFETY: begin_stop and a successful quiesce came first: no op is in flight and
-        // none starts (one that would is refused by the closed backend).
-        if let Err(e) = unsafe { rbd.close() } {
-            log::warn!("closing the RBD image: {e}");
+    // librados's threads must be gone before the exit handlers run (see rbd::Cluster::shutdown).
+    let mut rbd_connected = false;
+    if let Some(rbd) = &rbd {
+        // The watcher ends once its callback is dropped; joined, it is out of rbd.size().
+        rbd.unwatch();
+        if let Some(watcher) = rbd_watcher {
+            let _ = watcher.join();
+        }
+        if quiesced.is_ok() {
+            // SAFETY: begin_stop and a successful quiesce came first: no op is in flight and
+            // none starts (one that would is refused by the closed backend); the watcher
+            // was joined.
+            if let Err(e) = unsafe { rbd.close() } {
+                log::warn!("closing the RBD image: {e}");
+            }
+        } else {
+            rbd_connected = true;
         }
     }
     remove_socket(&cli.socket);
     print_stats(&backend);
     log::info!("stopped");
+    if rbd_connected {
+        // Ops may still be in flight in librados: it cannot be shut down, and its threads
+        // would run during the exit handlers. End without them (librbd's lock is released
+        // by the cluster when the session times out).
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: _exit ends the process at once; nothing after it runs.
+        unsafe { libc::_exit(1) };
+    }
     // The vhost-user thread may sit in accept(); the process ends it.
     ExitCode::SUCCESS
 }
@@ -156,7 +176,10 @@ fn export_read_only(cli: &Cli) -> bool {
 
 /// An image grown by someone else (`rbd resize`): librbd's header watch wakes a thread that
 /// takes the new size and tells the guest, as `uringblk ctl resize` does.
-fn watch_rbd_size(rbd: &Arc<RbdStorage>, backend: &VhostUserBlk) {
+fn watch_rbd_size(
+    rbd: &Arc<RbdStorage>,
+    backend: &VhostUserBlk,
+) -> Option<std::thread::JoinHandle<()>> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let backend = backend.clone();
     let image = rbd.clone();
@@ -181,17 +204,22 @@ fn watch_rbd_size(rbd: &Arc<RbdStorage>, backend: &VhostUserBlk) {
                 }
             }
         });
-    if let Err(e) = thread {
-        log::warn!("rbd: cannot watch the image's size: {e}");
-        return;
-    }
+    let thread = match thread {
+        Ok(t) => t,
+        Err(e) => {
+            log::warn!("rbd: cannot watch the image's size: {e}");
+            return None;
+        }
+    };
     let tx = std::sync::Mutex::new(tx);
     let on_update = move || {
         let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(());
     };
+    // On failure the callback, and with it `tx`, is dropped: the thread ends.
     if let Err(e) = rbd.watch_updates(Box::new(on_update)) {
         log::warn!("rbd: cannot watch the image's size: {e}");
     }
+    Some(thread)
 }
 
 /// Checks every flag against the others and the storage, locks the image, then builds the

@@ -4,8 +4,9 @@
 //! --readonly, reconnects, kill -9 and restart with the data intact, resize through the control
 //! socket and by `rbd resize`, and the start-up errors (an unreachable cluster, a missing pool or
 //! image: one line, exit 2, no socket, within the connect bound). What the server acknowledged is
-//! checked again after it stopped, in the image itself (`rbd export`). Without Ceph installed
-//! every test prints SKIPPED (and fails under CI=true).
+//! checked again after it stopped, in the image itself (`rbd export`). Closing the storage joins
+//! librados's threads (checked in this process). Without Ceph installed every test prints
+//! SKIPPED (and fails under CI=true).
 
 #[allow(dead_code)]
 mod blkio_support;
@@ -596,4 +597,80 @@ fn rbd_librbd_defaults_apply_and_ceph_option_overrides_them() {
         "no_such_option=1",
     ]);
     assert!(e.contains("no_such_option"), "{e}");
+}
+
+/// The threads of this process whose ids are not in `before`, with their names.
+fn threads_since(before: &[u32]) -> Vec<(u32, String)> {
+    let mut new = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let Ok(entry) = entry else { continue };
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if before.contains(&tid) {
+            continue;
+        }
+        // A thread that ended since the listing has no comm any more.
+        if let Ok(name) = std::fs::read_to_string(entry.path().join("comm")) {
+            new.push((tid, name.trim().to_string()));
+        }
+    }
+    new
+}
+
+/// librados's own threads (messenger workers, timers, the log, the admin socket), as opposed
+/// to the other tests' threads that run in this process meanwhile (named after their test).
+fn is_librados_thread(name: &str) -> bool {
+    !name.starts_with("rbd_") && !name.starts_with("main")
+}
+
+/// What the server does at stop, in this process: `RbdStorage::close` ends librados (every
+/// thread it started is joined) while other references to the storage are still held, as the
+/// iothreads' are when the server exits. A librados thread still running during the exit
+/// handlers once crashed the server's clean stop (SIGSEGV under __cxa_finalize).
+#[test]
+fn rbd_close_joins_librados_threads_before_exit() {
+    let Some(c) = cluster("rbd_close_joins_librados_threads_before_exit") else {
+        return;
+    };
+    let image = c.image("16M");
+    let before: Vec<u32> = threads_since(&[]).into_iter().map(|(t, _)| t).collect();
+    let storage = rbd_backend::RbdStorage::open(&rbd_backend::RbdOptions {
+        spec: rbd_backend::RbdImageSpec::parse(&image.spec()).expect("spec"),
+        conf: c.conf.clone(),
+        id: "admin".into(),
+        keyring: None,
+        iothreads: 1,
+        extra_options: Vec::new(),
+        connect_timeout: Duration::from_secs(30),
+        read_only: false,
+    })
+    .expect("open the image in-process");
+    storage
+        .watch_updates(Box::new(|| {}))
+        .expect("watch the header");
+    let started: Vec<(u32, String)> = threads_since(&before)
+        .into_iter()
+        .filter(|(_, name)| is_librados_thread(name))
+        .collect();
+    eprintln!("librados threads: {started:?}");
+    assert!(!started.is_empty(), "librados started no thread we can see");
+    let still_held = storage.clone();
+    // SAFETY: no op was started on this storage and none will be.
+    unsafe { still_held.close() }.expect("close");
+    let left: Vec<&(u32, String)> = started
+        .iter()
+        .filter(|(tid, _)| Path::new(&format!("/proc/self/task/{tid}")).exists())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "librados threads still run after close: {left:?}"
+    );
+    assert!(storage.size().is_err(), "a closed storage answers no more");
+    drop(storage);
+    drop(still_held);
 }
