@@ -164,7 +164,7 @@ struct Outcome {
 }
 
 /// One try: None when the race was lost (every write had completed before the kill).
-fn attempt(queues: u16, dir: &Path) -> Option<Outcome> {
+fn attempt(queues: u16, ring_size: u16, dir: &Path) -> Option<Outcome> {
     let image = dir.join("disk.img");
     let socket = dir.join("blk.sock");
     {
@@ -177,7 +177,7 @@ fn attempt(queues: u16, dir: &Path) -> Option<Outcome> {
         f.sync_all().unwrap();
     }
     let plan = plan(queues);
-    let mut fe = TestFrontend::new(GUEST_LEN, queues);
+    let mut fe = TestFrontend::with_ring_size(GUEST_LEN, queues, ring_size);
     for (r, e) in plan.iter().flatten() {
         if let Expect::Write(w) = e {
             fe.mem
@@ -293,14 +293,14 @@ fn attempt(queues: u16, dir: &Path) -> Option<Outcome> {
     })
 }
 
-fn kill_and_restart(queues: u16) {
+fn kill_and_restart(queues: u16, ring_size: u16) {
     for n in 1..=ATTEMPTS {
         // A real disk (not tmpfs), so writethrough writes take real time.
         let dir = tempfile::Builder::new()
             .prefix("uringblk-restart")
             .tempdir_in("/var/tmp")
             .expect("dir under /var/tmp");
-        if let Some(o) = attempt(queues, dir.path()) {
+        if let Some(o) = attempt(queues, ring_size, dir.path()) {
             eprintln!(
                 "{queues} queue(s), try {n}: {} of {} requests completed before the kill ({} of \
                  {WRITES} writes); the restarted server resubmitted {}",
@@ -317,12 +317,19 @@ fn kill_and_restart(queues: u16) {
 
 #[test]
 fn requests_in_flight_at_a_kill_9_complete_once_after_the_restart_one_queue() {
-    kill_and_restart(1);
+    kill_and_restart(1, restart_support::QUEUE_SIZE);
 }
 
 #[test]
 fn requests_in_flight_at_a_kill_9_complete_once_after_the_restart_two_queues() {
-    kill_and_restart(2);
+    kill_and_restart(2, restart_support::QUEUE_SIZE);
+}
+
+/// A driver may set a ring smaller than the queue size the device offered (and the frontend
+/// sized the inflight region for): the ring's heads use the first entries of its part.
+#[test]
+fn requests_in_flight_at_a_kill_9_complete_once_after_the_restart_ring_smaller_than_region() {
+    kill_and_restart(1, restart_support::QUEUE_SIZE / 2);
 }
 
 /// A server killed after it published completions but before it signalled them leaves the

@@ -25,7 +25,10 @@ pub struct InflightQueue {
     region: Arc<InflightRegion>,
     /// Byte offset of this queue's header in the region.
     start: usize,
+    /// The ring's size: heads are below it, used-ring slots taken mod it.
     size: u16,
+    /// The region's queue size: entries this part holds.
+    part_size: u16,
     next_counter: u64,
     /// Not Sync: the store order is only meaningful from one thread.
     _not_sync: PhantomData<Cell<()>>,
@@ -37,9 +40,23 @@ impl InflightQueue {
             region,
             start,
             size,
+            part_size: size,
             next_counter: 0,
             _not_sync: PhantomData,
         }
+    }
+
+    /// Serve a ring of `ring_size` descriptors with this part, which the region sized for
+    /// its queue size: a driver may set a smaller ring than the device offered, and its heads
+    /// (all below `ring_size`) use the part's first entries, as libvhost-user does. Call
+    /// before [`InflightQueue::recover`]; false (and unchanged) for a ring the part cannot
+    /// hold, or an empty one.
+    pub fn use_ring_size(&mut self, ring_size: u16) -> bool {
+        if ring_size == 0 || ring_size > self.part_size {
+            return false;
+        }
+        self.size = ring_size;
+        true
     }
 
     fn header_u16(&self, field: usize) -> &AtomicU16 {
@@ -63,7 +80,7 @@ impl InflightQueue {
 
     /// At queue start (after SET_VRING_BASE, before the first pop), with the used ring's idx.
     ///
-    /// A fresh queue (version not [`INFLIGHT_VERSION`], or desc_num not the queue size: a new
+    /// A fresh queue (version not [`INFLIGHT_VERSION`], or desc_num not the ring size: a new
     /// region, or a driver that set a new size) is initialised and gives no resubmissions.
     /// Otherwise the heads the dead process published but had not cleared yet are cleared:
     /// `used_id_at(slot)` returns the id of the used element at ring slot `slot` (already
@@ -119,11 +136,12 @@ impl InflightQueue {
         }
     }
 
-    /// Clears every entry and the header, then stores the version last: a crash part way
-    /// leaves a region that is still fresh (version 0), never one that trusts stale entries.
+    /// Clears every entry of the part (a larger ring may have used them) and the header, then
+    /// stores the version last: a crash part way leaves a region that is still fresh
+    /// (version 0), never one that trusts stale entries.
     fn initialise(&mut self, vring_used_idx: u16) {
         self.header_u16(layout::VERSION).store(0, Release);
-        for head in 0..self.size {
+        for head in 0..self.part_size {
             self.entry_inflight(head).store(0, Relaxed);
             self.entry_next(head).store(0, Relaxed);
             self.entry_counter(head).store(0, Relaxed);

@@ -151,3 +151,51 @@ fn a_mapped_region_is_the_created_one() {
     assert_eq!(recovery.resubmit, vec![5, 2]);
     assert_eq!(recovery.next_avail, 9);
 }
+
+/// A driver that set a ring smaller than the region's queue size: its heads use the part's
+/// first entries, desc_num says the ring's size, recovery takes used-ring slots mod the ring,
+/// and the next queue's part is untouched. A ring larger than the part is refused.
+#[test]
+fn a_ring_smaller_than_the_region_uses_the_first_entries_of_its_part() {
+    let (num_queues, queue_size, ring) = (2u16, 8u16, 4u16);
+    let (region, file) = InflightRegion::create(num_queues, queue_size).unwrap();
+    let mut queue = region.queue(0).unwrap();
+    assert!(!queue.use_ring_size(queue_size + 1), "larger than the part");
+    assert!(!queue.use_ring_size(0), "an empty ring");
+    assert!(queue.use_ring_size(ring));
+    queue.recover(3, |_| None);
+    for head in 0..ring {
+        queue.popped(head);
+    }
+    queue.popped(ring); // not a head of this ring: ignored
+    let mut bytes = vec![0u8; region_size(num_queues, queue_size) as usize];
+    file.read_exact_at(&mut bytes, 0).unwrap();
+    assert_eq!(u16_at(&bytes, DESC_NUM as u64), ring);
+    let entry = |head: u64| HEADER_SIZE + ENTRY_SIZE * head + ENTRY_INFLIGHT as u64;
+    for head in 0..u64::from(queue_size) {
+        let want = u8::from(head < u64::from(ring));
+        assert_eq!(bytes[entry(head) as usize], want, "entry {head}");
+    }
+    let next_part = queue_region_size(queue_size) as usize;
+    assert!(
+        bytes[next_part..].iter().all(|&b| b == 0),
+        "queue 1 untouched"
+    );
+
+    // The server died after publishing heads 1 and 2 at used slots 3 and 0 (used idx 3 -> 5,
+    // slots mod 4), before clearing them: a new life of the same ring resubmits 0 then 3.
+    let mut again = region.queue(0).unwrap();
+    assert!(again.use_ring_size(ring));
+    let mut slots = Vec::new();
+    let recovery = again.recover(5, |slot| {
+        slots.push(slot);
+        match slot {
+            3 => Some(1),
+            0 => Some(2),
+            _ => None,
+        }
+    });
+    assert_eq!(slots, vec![3, 0], "slots of used idx 3 and 4, mod the ring");
+    assert_eq!(recovery.resubmit, vec![0, 3]);
+    assert_eq!(recovery.next_avail, 7);
+}

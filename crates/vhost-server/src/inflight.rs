@@ -68,10 +68,11 @@ impl QueueInflight {
             return Start::AsIs;
         }
         self.recovered = true;
-        if size != self.region_queue_size {
+        // A smaller ring than the region was sized for uses the first entries of its part.
+        if !self.part.use_ring_size(size) {
             log::warn!(
-                "queue {queue}: its size {size} is not the inflight region's {}: its requests \
-                 are not tracked for a restart",
+                "queue {queue}: its size {size} is larger than the inflight region's {}: its \
+                 requests are not tracked for a restart",
                 self.region_queue_size
             );
             return Start::Untracked;

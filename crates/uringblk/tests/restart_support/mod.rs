@@ -135,6 +135,9 @@ pub struct Request {
 /// One split queue in guest memory, driven by hand.
 pub struct Queue {
     pub index: u16,
+    /// Descriptors in the ring (SET_VRING_NUM), at most [`QUEUE_SIZE`], the inflight
+    /// region's queue size: a driver may set a smaller ring than the device offers.
+    size: u16,
     desc: u64,
     avail: u64,
     used: u64,
@@ -144,10 +147,12 @@ pub struct Queue {
 }
 
 impl Queue {
-    fn new(index: u16) -> Queue {
+    fn new(index: u16, size: u16) -> Queue {
+        assert!(size > 0 && size <= QUEUE_SIZE, "ring size {size}");
         let desc = u64::from(index) * RING_STRIDE;
         Queue {
             index,
+            size,
             desc,
             avail: desc + 0x1000,
             used: desc + 0x2000,
@@ -195,7 +200,7 @@ impl Queue {
             self.write_desc(mem, head + 1, r.data, r.len, data_flags, head + 2);
             self.write_desc(mem, head + 2, self.status_addr(head), 1, DESC_F_WRITE, 0);
             let slot =
-                self.avail + 4 + 2 * u64::from(self.avail_idx.wrapping_add(n as u16) % QUEUE_SIZE);
+                self.avail + 4 + 2 * u64::from(self.avail_idx.wrapping_add(n as u16) % self.size);
             mem.write(slot, &head.to_le_bytes());
             heads.push(head);
         }
@@ -211,7 +216,7 @@ impl Queue {
     /// With EVENT_IDX: the guest asks to be signalled once the used index passes `idx`.
     pub fn set_used_event(&self, mem: &Memory, idx: u16) {
         mem.write(
-            self.avail + 4 + 2 * u64::from(QUEUE_SIZE),
+            self.avail + 4 + 2 * u64::from(self.size),
             &idx.to_le_bytes(),
         );
         fence(Ordering::SeqCst);
@@ -231,7 +236,7 @@ impl Queue {
     pub fn used_ids(&self, mem: &Memory) -> Vec<u16> {
         let n = self.used_idx(mem);
         assert!(
-            n <= QUEUE_SIZE,
+            n <= self.size,
             "the used index {n} is past one lap of the ring"
         );
         (0..n)
@@ -253,9 +258,14 @@ pub struct TestFrontend {
 
 impl TestFrontend {
     pub fn new(mem_len: usize, queues: u16) -> TestFrontend {
+        Self::with_ring_size(mem_len, queues, QUEUE_SIZE)
+    }
+
+    /// Rings of `ring_size` descriptors, in an inflight region asked for [`QUEUE_SIZE`].
+    pub fn with_ring_size(mem_len: usize, queues: u16, ring_size: u16) -> TestFrontend {
         TestFrontend {
             mem: Memory::new(mem_len),
-            queues: (0..queues).map(Queue::new).collect(),
+            queues: (0..queues).map(|q| Queue::new(q, ring_size)).collect(),
             inflight: None,
             frontend: None,
             features: 0,
@@ -348,14 +358,14 @@ impl TestFrontend {
     fn start_queue(&self, f: &mut Frontend, i: usize) {
         let q = &self.queues[i];
         let base = self.mem.base as u64;
-        f.set_vring_num(i, QUEUE_SIZE).expect("SET_VRING_NUM");
+        f.set_vring_num(i, q.size).expect("SET_VRING_NUM");
         f.set_vring_base(i, q.used_idx(&self.mem))
             .expect("SET_VRING_BASE");
         f.set_vring_addr(
             i,
             &VringConfigData {
                 queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
+                queue_size: q.size,
                 flags: 0,
                 desc_table_addr: base + q.desc,
                 used_ring_addr: base + q.used,
