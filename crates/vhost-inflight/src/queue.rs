@@ -59,6 +59,11 @@ impl InflightQueue {
         true
     }
 
+    /// Entries this part holds: the region's queue size, the largest ring it can serve.
+    pub fn entries(&self) -> u16 {
+        self.part_size
+    }
+
     fn header_u16(&self, field: usize) -> &AtomicU16 {
         self.region.u16_at(self.start + field)
     }

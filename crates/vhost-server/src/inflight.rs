@@ -26,9 +26,6 @@ pub(crate) enum Start {
 /// One queue's part of the region, as its iothread holds it.
 pub(crate) struct QueueInflight {
     pub(crate) part: InflightQueue,
-    /// The region's queue size: its entries and the used ring's slots line up only for a
-    /// queue of that size.
-    region_queue_size: u16,
     /// Recovery still to run (at the queue's first drain).
     recovered: bool,
     /// Heads to resubmit, in counter order; `next` is the first not yet resubmitted.
@@ -40,14 +37,9 @@ pub(crate) struct QueueInflight {
 }
 
 impl QueueInflight {
-    pub(crate) fn new(
-        part: InflightQueue,
-        region_queue_size: u16,
-        handed_back: bool,
-    ) -> QueueInflight {
+    pub(crate) fn new(part: InflightQueue, handed_back: bool) -> QueueInflight {
         QueueInflight {
             part,
-            region_queue_size,
             recovered: false,
             resubmit: Vec::new(),
             next: 0,
@@ -73,7 +65,7 @@ impl QueueInflight {
             log::warn!(
                 "queue {queue}: its size {size} is larger than the inflight region's {}: its \
                  requests are not tracked for a restart",
-                self.region_queue_size
+                self.part.entries()
             );
             return Start::Untracked;
         }

@@ -238,10 +238,9 @@ impl Session {
             );
             return;
         };
-        let size = region.queue_size();
         let (thread, local) = self.device.0.placement[q];
         self.device.control(thread).inflight[local] =
-            Some(QueueInflight::new(part, size, self.inflight_handed_back));
+            Some(QueueInflight::new(part, self.inflight_handed_back));
     }
 
     /// A stopped queue: its iothread gives its part of the region back (nothing of the
