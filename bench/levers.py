@@ -215,7 +215,7 @@ def stop_server(p, out):
     return None
 
 
-def run_client(variant, job, image, socket, queues, runtime, ramp):
+def run_client(variant, job, image, socket, queues, runtime, ramp, completion="blocking"):
     rw, bs, qd = JOBS[job]
     if variant == "host":
         cmd = ["taskset", "-c", "0", "fio", "--name=host", f"--filename={image}",
@@ -232,7 +232,7 @@ def run_client(variant, job, image, socket, queues, runtime, ramp):
         return {"iops": iops, "p50_us": lat["clat_ns"]["percentile"]["50.000000"] / 1000}
     cmd = ["taskset", "-c", "0", str(BIN / "uringblk-loadgen"), "--socket", socket, "--rw", rw,
            "--bs", bs, "--iodepth", str(qd), "--queues", str(queues), "--runtime", f"{runtime}s",
-           "--ramp", f"{ramp}s", "--cpus", "0", "--json"]
+           "--ramp", f"{ramp}s", "--cpus", "0", "--completion", completion, "--json"]
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
     return {"iops": r["iops"], "p50_us": r["latency"]["p50_ns"] / 1000}
 
@@ -252,7 +252,8 @@ def one_run(variant, args, job, opts, disk, bindir=None):
     sampler = Sampler(server.pid) if server else None
     if sampler:
         sampler.start()
-    res = run_client(variant, job, opts.image, socket, opts.queues, opts.runtime, opts.ramp)
+    res = run_client(variant, job, opts.image, socket, opts.queues, opts.runtime, opts.ramp,
+                     opts.completion)
     wall = time.monotonic() - t0
     d1 = diskstats(disk) if disk else no_disk
     ios = d1["ios"] - d0["ios"]
@@ -355,6 +356,8 @@ def main():
     ap.add_argument("--runtime", type=float, default=5)
     ap.add_argument("--ramp", type=float, default=1)
     ap.add_argument("--queues", type=int, default=1)
+    ap.add_argument("--completion", choices=["blocking", "poll"], default="blocking",
+                    help="how the load generator waits for completions (host fio: always blocking)")
     ap.add_argument("--null", action="store_true", help="a null backend instead of the image")
     ap.add_argument("--rbd", metavar="POOL/IMAGE", help="an RBD image instead of the file")
     ap.add_argument("--ceph-conf", help="the cluster's ceph.conf, for --rbd")
@@ -401,6 +404,7 @@ def main():
                     n += 1
                     r = one_run(name, args, job, opts, disk, bindirs.get(name))
                     r["rep"], r["runtime"], r["ramp"] = rep, opts.runtime, opts.ramp
+                    r["completion"] = opts.completion
                     rows.append(r)
                     raw.write(json.dumps(r) + "\n")
                     raw.flush()

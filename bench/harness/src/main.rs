@@ -38,13 +38,14 @@ struct Cli {
     /// Queue counts of the matrix.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     queues: Vec<u32>,
-    /// Repetitions of every point.
-    #[arg(long, default_value_t = 3)]
-    reps: u32,
-    /// Measured time per run (default: 1s quick, 10s full).
+    /// Repetitions of every point (default: 3 quick, 6 full). The targets take turns, one run
+    /// each per round: more, shorter rounds spread a disk's slow minutes over every target.
+    #[arg(long)]
+    reps: Option<u32>,
+    /// Measured time per run (default: 1s quick, 5s full).
     #[arg(long, value_parser = duration_arg)]
     runtime: Option<Duration>,
-    /// Warm-up per run, not measured (default: 0.5s quick, 2s full).
+    /// Warm-up per run, not measured (default: 0.5s quick, 1s full).
     #[arg(long, value_parser = duration_arg)]
     ramp: Option<Duration>,
     /// Run the scaling sweep (default: only in full mode).
@@ -74,9 +75,15 @@ struct Cli {
     /// CPUs of the client (default: the first available CPU).
     #[arg(long)]
     client_cpus: Option<CpuList>,
-    /// How the load generator waits for completions.
+    /// How the load generator waits for completions on the file and RBD backends, and in the
+    /// scaling sweep (where a client may share a CPU with a server).
     #[arg(long, value_enum, default_value = "blocking")]
     completion: CompletionMode,
+    /// How it waits on the null backends in the matrix. `poll` (the default) keeps the client
+    /// from being the bottleneck, so that the null figures measure the server's dataplane: a
+    /// sleeping client's wake-up costs more than the server's work per batch.
+    #[arg(long, value_enum, default_value = "poll")]
+    null_completion: CompletionMode,
     /// Where results go.
     #[arg(long, default_value = "bench/results")]
     results_dir: PathBuf,
@@ -185,10 +192,11 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
     }
     let runtime =
         cli.runtime
-            .unwrap_or(Duration::from_millis(if cli.full { 10_000 } else { 1_000 }));
+            .unwrap_or(Duration::from_millis(if cli.full { 5_000 } else { 1_000 }));
     let ramp = cli
         .ramp
-        .unwrap_or(Duration::from_millis(if cli.full { 2_000 } else { 500 }));
+        .unwrap_or(Duration::from_millis(if cli.full { 1_000 } else { 500 }));
+    let reps = cli.reps.unwrap_or(if cli.full { 6 } else { 3 });
     let scaling = (cli.full || cli.scaling) && !cli.no_scaling;
     let guest = cli.guest;
     let targets: Vec<Target> = cli
@@ -196,7 +204,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         .clone()
         .unwrap_or_else(|| Target::DEFAULT.to_vec());
     let jobs = matrix::select_jobs(cli.jobs.as_deref())?;
-    if cli.reps == 0 || cli.queues.is_empty() || cli.queues.contains(&0) {
+    if reps == 0 || cli.queues.is_empty() || cli.queues.contains(&0) {
         return Err(BenchError::Usage(
             "reps and queue counts must be at least 1".into(),
         ));
@@ -242,7 +250,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
     // Plan: the matrix, then the scaling sweep over the targets that have a server.
     let matrix_timing = Timing { runtime, ramp };
     let mut plan: Vec<PlannedRun> =
-        matrix::matrix_plan(&jobs, &cli.queues, &targets, cli.reps, &server_cpus)
+        matrix::matrix_plan(&jobs, &cli.queues, &targets, reps, &server_cpus)
             .into_iter()
             .map(|spec| PlannedRun {
                 spec,
@@ -261,7 +269,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         .collect();
         let order = matrix::scaling_cpu_order(&server_cpus, &available);
         plan.extend(
-            matrix::scaling_plan(&scaling_targets, available.len() as u32, cli.reps, &order)
+            matrix::scaling_plan(&scaling_targets, available.len() as u32, reps, &order)
                 .into_iter()
                 .map(|spec| PlannedRun {
                     spec,
@@ -275,7 +283,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
                 &jobs,
                 &cli.queues,
                 &targets,
-                cli.guest_reps.unwrap_or(cli.reps).max(1),
+                cli.guest_reps.unwrap_or(reps).max(1),
                 &server_cpus,
             )
             .into_iter()
@@ -371,6 +379,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         image_size: cli.image_size,
         client_cpus: client_cpus.clone(),
         completion: cli.completion,
+        null_completion: cli.null_completion,
         workdir: workdir.path().to_path_buf(),
         guest_dir,
         uringblk_args: cli.uringblk_args.clone(),
@@ -400,8 +409,9 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
             mode: mode.into(),
             runtime_s: runtime.as_secs_f64(),
             ramp_s: ramp.as_secs_f64(),
-            reps: cli.reps,
+            reps,
             completion: cli.completion.to_string(),
+            null_completion: Some(cli.null_completion.to_string()),
             image: image.display().to_string(),
             image_bytes: cli.image_size,
             server_cpus,

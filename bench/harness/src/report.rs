@@ -46,6 +46,10 @@ pub struct Settings {
     pub ramp_s: f64,
     pub reps: u32,
     pub completion: String,
+    /// The load generator's completion mode on the null backends of the matrix (older results:
+    /// the same as `completion`).
+    #[serde(default)]
+    pub null_completion: Option<String>,
     pub image: String,
     pub image_bytes: u64,
     pub server_cpus: Vec<usize>,
@@ -338,6 +342,23 @@ fn comparisons(summary: &Summary) -> (usize, Vec<Shortfall>) {
     (compared, found)
 }
 
+/// How the load generator waited, in words: one mode, or one for the null backends' matrix
+/// points and another for the rest.
+fn completion_words(s: &Settings) -> String {
+    match s.null_completion.as_deref() {
+        Some(null)
+            if null != s.completion && s.targets.iter().any(|t| t.backend() == Backend::Null) =>
+        {
+            format!(
+                "{} completions on the null backends so that the server, not the client's \
+                 wake-up, is the limit there, {} completions elsewhere",
+                null, s.completion
+            )
+        }
+        _ => format!("{} completions", s.completion),
+    }
+}
+
 /// The tables, in markdown. `image_prefix` is prepended to chart file names (`None`: no charts).
 pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String {
     let s = &summary.settings;
@@ -347,8 +368,8 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
         out,
         "Run `{}` ({} mode), {}. Machine: {}. Image: {} MiB file `{}` on {}. \
          Server pinned to CPU {}, client to CPU {}; {} × {:.1} s per point after a {:.1} s ramp; \
-         one server iothread. Clients: `uringblk-loadgen` (libblkio virtio-blk-vhost-user, {} \
-         completions, no VM) for uringblk and qemu-storage-daemon; {} (`ioengine=io_uring, \
+         one server iothread. Clients: `uringblk-loadgen` (libblkio virtio-blk-vhost-user, {}, \
+         no VM) for uringblk and qemu-storage-daemon; {} (`ioengine=io_uring, \
          direct=1`) for host. {}; uringblk {}. Load average {} at start, {} at end. \
          Raw runs: `{}`.\n",
         summary.run_id,
@@ -363,7 +384,7 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
         s.reps,
         s.runtime_s,
         s.ramp_s,
-        s.completion,
+        completion_words(s),
         m.fio_version,
         m.qsd_version,
         m.uringblk_revision,
@@ -846,6 +867,7 @@ mod tests {
             ramp_s: 0.5,
             reps: 3,
             completion: "blocking".into(),
+            null_completion: Some("poll".into()),
             image: "/img".into(),
             image_bytes: 1 << 30,
             server_cpus: vec![1],
@@ -927,6 +949,28 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("Not run in this mode"));
+    }
+
+    #[test]
+    fn header_says_how_the_client_waited_on_each_backend() {
+        let recs = records(Target::UringblkNull, &[100.0]);
+        let mut summary = summary_of(
+            recs.clone(),
+            vec![Target::UringblkNull, Target::UringblkFile],
+        );
+        let md = render_markdown(&summary, None);
+        assert!(
+            md.contains("poll completions on the null backends")
+                && md.contains("blocking completions elsewhere"),
+            "{md}"
+        );
+        // Without a null target (or with one mode for all) it is one mode.
+        summary = summary_of(recs, vec![Target::UringblkFile]);
+        let md = render_markdown(&summary, None);
+        assert!(
+            md.contains("(libblkio virtio-blk-vhost-user, blocking completions, no VM)"),
+            "{md}"
+        );
     }
 
     #[test]

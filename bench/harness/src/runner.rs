@@ -12,7 +12,7 @@ use uringblk_loadgen::CompletionMode;
 use crate::clients::{self, ClientKind, ClientOutcome, Timing};
 use crate::matrix::{Phase, RunSpec};
 use crate::record::RunRecord;
-use crate::targets::{server_command, Server, ServerProcess, ServerSetup};
+use crate::targets::{server_command, Backend, Server, ServerProcess, ServerSetup};
 use crate::BenchError;
 
 /// Programs, files and pinning shared by every run.
@@ -26,7 +26,10 @@ pub struct Environment {
     pub image: PathBuf,
     pub image_size: u64,
     pub client_cpus: Vec<usize>,
+    /// How the load generator waits for completions.
     pub completion: CompletionMode,
+    /// The same for the null backends in the matrix phase.
+    pub null_completion: CompletionMode,
     /// Sockets and server logs.
     pub workdir: PathBuf,
     /// The built measurement guest, for guest fio runs.
@@ -35,6 +38,17 @@ pub struct Environment {
     pub uringblk_args: Vec<String>,
     /// The RBD targets' image, when they run.
     pub rbd: Option<crate::targets::RbdSetup>,
+}
+
+impl Environment {
+    /// The load generator's completion mode for a run.
+    pub fn completion_for(&self, spec: &RunSpec) -> CompletionMode {
+        if spec.phase == Phase::Matrix && spec.target.backend() == Backend::Null {
+            self.null_completion
+        } else {
+            self.completion
+        }
+    }
 }
 
 /// One planned run and how long it lasts.
@@ -164,7 +178,7 @@ fn run_client_and_server(
         &spec.job,
         spec.queues,
         planned.timing,
-        env.completion,
+        env.completion_for(spec),
         &env.client_cpus,
     );
     record.client_argv = argv.clone();
@@ -269,6 +283,53 @@ pub fn run_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::targets::Target;
+
+    fn environment() -> Environment {
+        Environment {
+            run_id: "test".into(),
+            uringblk: "uringblk".into(),
+            qsd: "qemu-storage-daemon".into(),
+            fio: "fio".into(),
+            loadgen: "uringblk-loadgen".into(),
+            image: "/img".into(),
+            image_size: 1 << 30,
+            client_cpus: vec![0],
+            completion: CompletionMode::Blocking,
+            null_completion: CompletionMode::Poll,
+            workdir: "/tmp".into(),
+            guest_dir: None,
+            uringblk_args: vec![],
+            rbd: None,
+        }
+    }
+
+    #[test]
+    fn null_matrix_points_use_the_null_completion_mode_and_the_rest_the_other() {
+        let env = environment();
+        let jobs = crate::matrix::select_jobs(Some(&["randread-4k-qd32".to_string()])).unwrap();
+        let targets = [
+            Target::UringblkNull,
+            Target::QsdNull,
+            Target::UringblkFile,
+            Target::Host,
+        ];
+        let matrix = crate::matrix::matrix_plan(&jobs, &[1], &targets, 1, &[1]);
+        for spec in &matrix {
+            let expected = if spec.target.backend() == Backend::Null {
+                CompletionMode::Poll
+            } else {
+                CompletionMode::Blocking
+            };
+            assert_eq!(env.completion_for(spec), expected, "{:?}", spec.target);
+        }
+        // In the sweep a client may share a CPU with a server: a polling one would starve it.
+        let sweep = crate::matrix::scaling_plan(&[Target::UringblkNull], 2, 1, &[1, 0]);
+        assert!(!sweep.is_empty());
+        for spec in &sweep {
+            assert_eq!(env.completion_for(spec), CompletionMode::Blocking);
+        }
+    }
 
     #[test]
     fn eta_is_readable() {
