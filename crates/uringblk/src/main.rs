@@ -313,6 +313,7 @@ fn build(cli: &Cli) -> Result<Built, String> {
             },
             poll: std::time::Duration::from_micros(cli.poll_us()),
             poll_nap: std::time::Duration::from_micros(cli.poll_nap_us),
+            poll_in_flight: std::time::Duration::from_micros(cli.poll_in_flight_us()),
             submit_batch: cli.submit_batch,
             ring_setup: cli.ring_setup,
             iowq_max_workers: cli.iowq_max_workers,

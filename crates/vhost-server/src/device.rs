@@ -42,6 +42,8 @@ pub(crate) struct Inner {
     pub(crate) poll: Duration,
     /// The longest nap while polling (zero: spin).
     pub(crate) poll_nap: Duration,
+    /// The least polling after the last sign of work while requests are in flight.
+    pub(crate) poll_in_flight: Duration,
     /// Control-path callers waiting for an iothread's lock: a polling thread yields to them.
     pub(crate) control_waiting: AtomicU32,
     pub(crate) threads: Vec<Mutex<IoThread>>,
@@ -163,6 +165,7 @@ impl VhostUserBlk {
             stopping: AtomicBool::new(false),
             poll: cfg.poll,
             poll_nap: cfg.poll_nap,
+            poll_in_flight: cfg.poll_in_flight,
             control_waiting: AtomicU32::new(0),
             threads,
             ports,

@@ -107,6 +107,12 @@ pub struct ServerConfig {
     /// that overruns its length by more than this turns napping off for a while (poll.rs).
     /// Zero: never nap (spin for the whole window).
     pub poll_nap: Duration,
+    /// While requests of the iothread are in flight at the storage, polling goes on at least
+    /// this long after the last sign of work, however short the adaptive window: a completion
+    /// is coming, and catching it (and the guest's next requests) while spinning saves the
+    /// two wake-ups a sleep costs (the ring's eventfd, then the guest's kick). Zero: the
+    /// adaptive window alone. Needs `poll` on.
+    pub poll_in_flight: Duration,
     /// At most this many SQEs per io_uring_enter (0: a whole drained batch at once).
     pub submit_batch: usize,
     pub ring_setup: RingSetup,
@@ -134,6 +140,7 @@ impl ServerConfig {
             merge: MergeLimits::default(),
             poll: Duration::ZERO,
             poll_nap: Duration::ZERO,
+            poll_in_flight: Duration::ZERO,
             submit_batch: 0,
             ring_setup: RingSetup::Auto,
             iowq_max_workers: 0,

@@ -194,7 +194,16 @@ impl IoThread {
         // Work found after spinning (not after a nap) measures the gap between batches.
         let mut napped = false;
         let naps = !inner.poll_nap.is_zero();
-        while idle_since.elapsed() < window
+        // With requests at the storage the window is at least `poll_in_flight`: their
+        // completions are sure to come (a slow disk's QD32 batch takes longer than the
+        // adaptive window, and sleeping through it costs two wake-ups per batch).
+        let in_flight_window = window.max(inner.poll_in_flight);
+        while idle_since.elapsed()
+            < if self.engine.in_flight() > 0 {
+                in_flight_window
+            } else {
+                window
+            }
             && !inner.stopping.load(Ordering::Relaxed)
             && inner.control_waiting.load(Ordering::Relaxed) == 0
             && !port.pending()

@@ -476,6 +476,74 @@ fn a_napping_poll_serves_a_chain_published_during_a_nap() {
     assert!(t.nap.naps > 0, "the poll never napped");
 }
 
+/// Storage whose every op completes `delay` after it starts, from a thread of its own (a
+/// disk slower than the poll window).
+#[derive(Debug)]
+struct SlowStorage {
+    delay: Duration,
+}
+
+impl engine::storage::ExternalStorage for SlowStorage {
+    fn start(
+        &self,
+        op: &engine::storage::IoOp<'_>,
+        done: &Arc<engine::storage::CompletionQueue>,
+    ) -> Result<(), i32> {
+        let (key, len, delay, done) = (op.key, op.len as i32, self.delay, done.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            done.complete(key, len);
+        });
+        Ok(())
+    }
+}
+
+/// One 512-byte read through a 1 ms poll window on storage that takes 50 ms, with polling
+/// kept on for `in_flight` while the read is out. Returns the used index once the event
+/// handler (drain, then poll) has returned.
+fn used_after_a_slow_read(in_flight: Duration) -> u16 {
+    let mem = GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+    let m = mem.memory();
+    let mq = MockSplitQueue::new(&*m, QSIZE);
+    let storage = SlowStorage {
+        delay: Duration::from_millis(50),
+    };
+    let backend = VhostUserBlk::new(
+        ServerConfig {
+            poll: Duration::from_millis(1),
+            poll_in_flight: in_flight,
+            ..ServerConfig::new(device(1), QSIZE)
+        },
+        Arc::new(Storage::external(Arc::new(storage), 1 << 20)),
+    )
+    .unwrap();
+    let h = harness(backend, &mq, mem.clone());
+    header(&m, 0x8000, blk_proto::VIRTIO_BLK_T_IN, 0);
+    m.write_obj(0xffu8, GuestAddress(0xa000)).unwrap();
+    mq.add_desc_chains(
+        &[
+            desc(0x8000, 16, false, Some(1)),
+            desc(0x9000, 512, true, Some(2)),
+            desc(0xa000, 1, true, None),
+        ],
+        0,
+    )
+    .unwrap();
+    h.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
+        .unwrap();
+    used_idx(&m, mq.used_addr().0)
+}
+
+#[test]
+fn polling_outlasts_the_window_while_a_request_is_in_flight() {
+    // The 1 ms window ends long before the 50 ms read: without in-flight polling the thread
+    // leaves the poll (to sleep until the completion's wake-up) with the read still out.
+    assert_eq!(used_after_a_slow_read(Duration::ZERO), 0);
+    // With it, the poll itself catches the completion and answers the guest.
+    assert_eq!(used_after_a_slow_read(Duration::from_secs(2)), 1);
+}
+
 #[test]
 fn a_qd1_poll_does_not_nap() {
     let mem = GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
