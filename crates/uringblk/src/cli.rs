@@ -164,8 +164,8 @@ pub struct Cli {
     /// While requests are in flight at the storage, keep polling at least this many
     /// microseconds after the last sign of work, however short the adaptive window: the
     /// thread then catches the disk's completions and the guest's next requests without the
-    /// two wake-ups (ring eventfd, guest kick) a sleep costs per batch. Worth ~10% IOPS at
-    /// QD32 on a disk slower than the --poll-us window (bench/README.md), at the price of the
+    /// two wake-ups (ring eventfd, guest kick) a sleep costs per batch. Worth ~15% IOPS at
+    /// 4k QD32 on a disk slower than the --poll-us window (bench/README.md), at the price of the
     /// iothread's core while I/O is outstanding. 0 leaves the adaptive window alone. Needs
     /// polling on (--poll-us > 0). Default: 2000, and 0 with --rbd.
     #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
@@ -236,7 +236,8 @@ impl Cli {
             .unwrap_or(if self.rbd.is_some() { 0 } else { 200 })
     }
 
-    /// --poll-in-flight-us, else its default for the backend (off where polling is off).
+    /// --poll-in-flight-us, else its default for the backend. It acts only inside a poll,
+    /// so with --poll-us 0 it does nothing.
     pub fn poll_in_flight_us(&self) -> u64 {
         self.poll_in_flight_us
             .unwrap_or(if self.rbd.is_some() { 0 } else { 2000 })
