@@ -10,7 +10,8 @@ repetition, and each run records:
   - io-wq workers: the largest number of `iou-wrk-*` threads seen while the run lasted;
   - the disk's average queue depth and time per I/O over the run, from /proc/diskstats
     (weighted time in queue / wall time; busy time / I/Os);
-  - uringblk only: io_uring_enter calls and SQEs (its final stats), hence SQEs per enter.
+  - uringblk only: io_uring_enter calls and SQEs (its final stats), hence SQEs per enter;
+  - steal: the share of the machine's CPU time the hypervisor took while the run lasted.
 
 Usage:
   bench/levers.py [--image PATH | --null | --rbd POOL/IMAGE --ceph-conf PATH] [--jobs LIST] [--reps N] [--runtime S] [--ramp S]
@@ -97,6 +98,13 @@ def diskstats(disk):
 def proc_cpu_s(pid):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks():
+    """(all CPU ticks, stolen ticks) of the machine so far, from /proc/stat's `cpu` line."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    return sum(fields), fields[7]
 
 
 def proc_threads(pid):
@@ -247,6 +255,7 @@ def one_run(variant, args, job, opts, disk, bindir=None):
                                          bindir, opts.tmp)
     no_disk = {"ios": 0, "merged": 0, "sectors": 0, "io_ms": 0, "busy_ms": 0, "weighted_ms": 0}
     d0 = diskstats(disk) if disk else no_disk
+    ticks0 = machine_ticks()
     t0 = time.monotonic()
     cpu0 = proc_cpu_s(server.pid) if server else 0.0
     sampler = Sampler(server.pid) if server else None
@@ -255,10 +264,13 @@ def one_run(variant, args, job, opts, disk, bindir=None):
     res = run_client(variant, job, opts.image, socket, opts.queues, opts.runtime, opts.ramp,
                      opts.completion)
     wall = time.monotonic() - t0
+    ticks1 = machine_ticks()
     d1 = diskstats(disk) if disk else no_disk
     ios = d1["ios"] - d0["ios"]
     res.update({
         "variant": variant, "args": args, "job": job, "queues": opts.queues,
+        # Share of the machine's CPU time the hypervisor gave to others (slows every target).
+        "steal_pct": 100 * (ticks1[1] - ticks0[1]) / max(ticks1[0] - ticks0[0], 1),
         "disk_queue_depth": (d1["weighted_ms"] - d0["weighted_ms"]) / (wall * 1000),
         # Time each I/O spent in the disk's queue and device, on average.
         "disk_us_per_io": 1000 * (d1["io_ms"] - d0["io_ms"]) / max(ios, 1),
@@ -310,8 +322,8 @@ def per_cpu_s(rs):
 def table(rows, variants, jobs):
     disk = any("disk_queue_depth" in r for r in rows)
     head = ("| job | variant | IOPS | vs qsd | p50 µs | server CPU-s | cores busy | IOPS/CPU-s "
-            "| per CPU-s vs qsd | SQEs/enter | wake-ups/req | io-wq workers |")
-    rule = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| per CPU-s vs qsd | SQEs/enter | wake-ups/req | io-wq workers | steal % |")
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     if disk:
         head += " disk QD | disk µs/IO | disk idle % | disk KiB/IO | merges/IO |"
         rule += "---:|---:|---:|---:|---:|"
@@ -336,7 +348,8 @@ def table(rows, variants, jobs):
                 f"{fmt(per_cpu / qsd_per_cpu if per_cpu and qsd_per_cpu else None, '.2f')}× | "
                 f"{fmt(median(rs, 'sqes_per_enter'), '.1f')} | "
                 f"{fmt(median(rs, 'wakeups_per_req'), '.3f')} | "
-                f"{fmt(median(rs, 'iowq_workers'), '.0f')} |")
+                f"{fmt(median(rs, 'iowq_workers'), '.0f')} | "
+                f"{fmt(median(rs, 'steal_pct'), '.1f')} |")
             if disk:
                 line += (
                     f" {fmt(median(rs, 'disk_queue_depth'), '.1f')} | "

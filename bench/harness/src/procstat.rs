@@ -1,4 +1,5 @@
-//! CPU time of a process from `/proc/<pid>/stat` (utime + stime, summed over all its threads).
+//! CPU time of a process from `/proc/<pid>/stat` (utime + stime, summed over all its threads),
+//! and the machine's steal time (CPU time the hypervisor gave to others) from `/proc/stat`.
 
 use std::time::Duration;
 
@@ -45,6 +46,52 @@ pub fn cpu_time(pid: u32) -> Result<Duration, BenchError> {
     ))
 }
 
+/// The machine's CPU time so far, summed over its CPUs: all of it, and the part stolen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineTicks {
+    /// user + nice + system + idle + iowait + irq + softirq + steal (guest time is in user).
+    pub total: u64,
+    pub steal: u64,
+}
+
+impl MachineTicks {
+    /// The share of the machine's CPU time between `self` and `later` that the hypervisor took
+    /// (0.0–1.0); `None` if no time passed.
+    pub fn steal_fraction_until(&self, later: &MachineTicks) -> Option<f64> {
+        let total = later.total.checked_sub(self.total)?;
+        let steal = later.steal.checked_sub(self.steal)?;
+        (total > 0).then(|| steal as f64 / total as f64)
+    }
+}
+
+/// The aggregate `cpu` line of `/proc/stat`'s text.
+pub fn parse_machine_ticks(stat: &str) -> Result<MachineTicks, BenchError> {
+    let bad = |why: &str| BenchError::Parse(format!("/proc/stat: {why}"));
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| bad("no aggregate cpu line"))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().map_err(|_| bad("a cpu field is not a number")))
+        .collect::<Result<_, _>>()?;
+    // Kernels since 2.6.11 have the steal field, the eighth.
+    let steal = *fields.get(7).ok_or_else(|| bad("no steal field"))?;
+    Ok(MachineTicks {
+        total: fields.iter().sum(),
+        steal,
+    })
+}
+
+/// The machine's CPU ticks now.
+pub fn machine_ticks() -> Result<MachineTicks, BenchError> {
+    let path = "/proc/stat";
+    let text = std::fs::read_to_string(path).map_err(|e| BenchError::io(path, e))?;
+    parse_machine_ticks(&text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +118,47 @@ mod tests {
         assert!(parse_cpu_ticks("no parens at all").is_err());
         let garbled = QSD_STAT.replace(" 1234 ", " x ");
         assert!(parse_cpu_ticks(&garbled).is_err());
+    }
+
+    // The first lines of this machine's /proc/stat.
+    const PROC_STAT: &str = "cpu  1213740 592 234789 12712823 88945 0 34945 180424 2 0\n\
+        cpu0 579814 179 106323 6371649 86461 0 10813 79043 0 0\n\
+        cpu1 633926 412 128466 6341173 2483 0 24131 101380 2 0\n";
+
+    #[test]
+    fn machine_ticks_come_from_the_aggregate_line() {
+        let t = parse_machine_ticks(PROC_STAT).unwrap();
+        assert_eq!(t.steal, 180424);
+        assert_eq!(
+            t.total,
+            1213740 + 592 + 234789 + 12712823 + 88945 + 34945 + 180424
+        );
+        assert!(parse_machine_ticks("cpu0 1 2 3 4 5 6 7 8\n").is_err());
+        assert!(
+            parse_machine_ticks("cpu  1 2 3 4 5 6 7\n").is_err(),
+            "no steal field"
+        );
+    }
+
+    #[test]
+    fn steal_fraction_is_the_stolen_share_of_the_time_between_samples() {
+        let a = MachineTicks {
+            total: 1000,
+            steal: 10,
+        };
+        let b = MachineTicks {
+            total: 1400,
+            steal: 110,
+        };
+        assert_eq!(a.steal_fraction_until(&b), Some(0.25));
+        assert_eq!(a.steal_fraction_until(&a), None, "no time passed");
+        assert_eq!(b.steal_fraction_until(&a), None, "backwards");
+    }
+
+    #[test]
+    fn this_machine_reports_its_ticks() {
+        let t = machine_ticks().unwrap();
+        assert!(t.total > 0 && t.steal <= t.total);
     }
 
     #[test]

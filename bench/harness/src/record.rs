@@ -25,6 +25,10 @@ pub struct RunRecord {
     pub started_at: String,
     pub measurement: Option<Measurement>,
     pub server_cpu: Option<ServerCpu>,
+    /// The share of the machine's CPU time the hypervisor took (steal) while the run lasted,
+    /// server start to stop: a VM's neighbours show here, and they slow every target.
+    #[serde(default)]
+    pub host_steal: Option<f64>,
     /// Why the run failed; `None` for a good run.
     pub error: Option<String>,
     /// Things that went wrong without spoiling the measurement (e.g. an unclean server exit).
@@ -87,6 +91,7 @@ pub(crate) fn sample_record(target: Target, iops: f64, cpu: Option<(f64, f64)>) 
             runtime_s: 1.0,
         }),
         server_cpu: cpu.map(|(cpu_s, wall_s)| ServerCpu { cpu_s, wall_s }),
+        host_steal: None,
         error: None,
         warnings: vec![],
         server_argv: None,

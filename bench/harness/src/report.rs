@@ -36,6 +36,9 @@ pub struct PointSummary {
     /// VM accelerator(s) of guest fio runs, e.g. "tcg".
     #[serde(default)]
     pub accelerator: Option<String>,
+    /// The hypervisor's steal over the runs, as a fraction of the machine's CPU time.
+    #[serde(default)]
+    pub host_steal: Option<Spread>,
 }
 
 /// How the runs were made.
@@ -117,6 +120,7 @@ pub fn summarize(records: &[RunRecord]) -> Vec<PointSummary> {
                 server_cores_busy: spread(&|r| r.server_cores_busy()),
                 iops_per_server_cpu_s: spread(&|r| r.iops_per_server_cpu_s()),
                 accelerator: accelerators(&runs),
+                host_steal: spread(&|r| r.host_steal),
             })
         })
         .collect()
@@ -267,6 +271,8 @@ pub struct Shortfall {
     pub ratio: f64,
     /// The runs' min–max ranges of the two targets overlap: the gap is within run-to-run noise.
     pub within_spread: bool,
+    /// Median steal over the runs of uringblk and of qemu-storage-daemon at this point.
+    pub steal: Option<(f64, f64)>,
 }
 
 fn spread_of(
@@ -279,6 +285,35 @@ fn spread_of(
     summary
         .point(Phase::Matrix, target, job, queues)
         .and_then(f)
+}
+
+/// The median steal of two targets' runs at one point, if both have it.
+fn steal_pair(
+    summary: &Summary,
+    ours: Target,
+    peer: Target,
+    job: &str,
+    queues: u32,
+) -> Option<(f64, f64)> {
+    Some((
+        summary.median(ours, job, queues, |p| p.host_steal)?,
+        summary.median(peer, job, queues, |p| p.host_steal)?,
+    ))
+}
+
+/// The steal over a run's points, in words: the median of the points' medians and the most any
+/// run saw; `None` for results recorded without it.
+fn steal_words(summary: &Summary) -> Option<String> {
+    let steal: Vec<Spread> = summary.points.iter().filter_map(|p| p.host_steal).collect();
+    let typical = Spread::of(steal.iter().map(|s| s.median))?;
+    let most = steal.iter().map(|s| s.max).fold(0.0, f64::max);
+    Some(format!(
+        "Steal (CPU time the hypervisor took from this VM while a run lasted): {:.1} % typical \
+         (median of the points' medians), {:.1} % at most; steal slows every target, the \
+         vhost-user ones (two busy CPUs) more than host fio (one).",
+        typical.median * 100.0,
+        most * 100.0
+    ))
 }
 
 /// Whether two points' min–max ranges overlap.
@@ -315,6 +350,7 @@ fn comparisons(summary: &Summary) -> (usize, Vec<Shortfall>) {
                         spread_of(summary, ours, &job, q, |p| p.iops),
                         spread_of(summary, peer, &job, q, |p| p.iops),
                     ),
+                    steal: steal_pair(summary, ours, peer, &job, q),
                 });
             }
             if job.ends_with("-qd1") {
@@ -334,6 +370,7 @@ fn comparisons(summary: &Summary) -> (usize, Vec<Shortfall>) {
                             spread_of(summary, ours, &job, q, |p| p.lat_p99_us),
                             spread_of(summary, peer, &job, q, |p| p.lat_p99_us),
                         ),
+                        steal: steal_pair(summary, ours, peer, &job, q),
                     });
                 }
             }
@@ -392,6 +429,9 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
         m.loadavg_end,
         summary.raw_file,
     );
+    if let Some(words) = steal_words(summary) {
+        let _ = writeln!(out, "{words}\n");
+    }
     if !s.uringblk_args.is_empty() {
         let _ = writeln!(
             out,
@@ -623,7 +663,7 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
         for l in &losses {
             let _ = writeln!(
                 out,
-                "- {} q{} ({}): {} ratio {:.2}{}",
+                "- {} q{} ({}): {} ratio {:.2}{}{}",
                 l.job,
                 l.queues,
                 l.backend.name(),
@@ -633,7 +673,14 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
                     " (within run-to-run spread: the min–max ranges overlap)"
                 } else {
                     ""
-                }
+                },
+                l.steal
+                    .map(|(ours, peer)| format!(
+                        "; steal in its runs {:.1} % (uringblk), {:.1} % (qsd)",
+                        ours * 100.0,
+                        peer * 100.0
+                    ))
+                    .unwrap_or_default()
             );
         }
         out.push('\n');
@@ -925,6 +972,39 @@ mod tests {
         assert_eq!(qsd.server_cores_busy.unwrap().median, 0.5);
         assert_eq!(qsd.iops_per_server_cpu_s.unwrap().median, 400.0);
         assert_eq!(points[1].iops.unwrap().samples, 1);
+    }
+
+    #[test]
+    fn steal_is_summarised_in_the_header_and_beside_each_shortfall() {
+        let with_steal = |target, iops: &[f64], steal: f64| {
+            let mut recs = records(target, iops);
+            for r in &mut recs {
+                r.host_steal = Some(steal);
+            }
+            recs
+        };
+        let mut recs = with_steal(Target::UringblkFile, &[90.0, 95.0], 0.25);
+        recs.extend(with_steal(Target::QsdFile, &[100.0, 100.0], 0.05));
+        let summary = summary_of(recs, vec![Target::UringblkFile, Target::QsdFile]);
+        let md = render_markdown(&summary, None);
+        assert!(
+            md.contains("15.0 % typical") && md.contains("25.0 % at most"),
+            "{md}"
+        );
+        let line = md
+            .lines()
+            .find(|l| l.starts_with("- randread-4k-qd1 q1 (file): IOPS"))
+            .unwrap_or_else(|| panic!("no shortfall line in:\n{md}"));
+        assert!(
+            line.ends_with("steal in its runs 25.0 % (uringblk), 5.0 % (qsd)"),
+            "{line}"
+        );
+        // Results recorded before steal was: no steal words at all.
+        let old = summary_of(
+            records(Target::UringblkFile, &[90.0]),
+            vec![Target::UringblkFile],
+        );
+        assert!(!render_markdown(&old, None).contains("Steal"));
     }
 
     #[test]

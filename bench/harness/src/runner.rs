@@ -11,6 +11,7 @@ use uringblk_loadgen::CompletionMode;
 
 use crate::clients::{self, ClientKind, ClientOutcome, Timing};
 use crate::matrix::{Phase, RunSpec};
+use crate::procstat;
 use crate::record::RunRecord;
 use crate::targets::{server_command, Backend, Server, ServerProcess, ServerSetup};
 use crate::BenchError;
@@ -85,6 +86,7 @@ pub fn run_one(env: &Environment, planned: &PlannedRun, seq: usize) -> RunRecord
         started_at: now_rfc3339(),
         measurement: None,
         server_cpu: None,
+        host_steal: None,
         error: None,
         warnings: Vec::new(),
         server_argv: None,
@@ -93,7 +95,12 @@ pub fn run_one(env: &Environment, planned: &PlannedRun, seq: usize) -> RunRecord
         client_report: Value::Null,
         accelerator: None,
     };
-    match run_client_and_server(env, planned, seq, &mut record) {
+    let ticks_before = procstat::machine_ticks();
+    let result = run_client_and_server(env, planned, seq, &mut record);
+    if let (Ok(before), Ok(after)) = (ticks_before, procstat::machine_ticks()) {
+        record.host_steal = before.steal_fraction_until(&after);
+    }
+    match result {
         Ok(outcome) => {
             record.measurement = Some(outcome.measurement);
             record.server_cpu = outcome.server_cpu;
