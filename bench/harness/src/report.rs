@@ -309,8 +309,8 @@ fn steal_words(summary: &Summary) -> Option<String> {
     let most = steal.iter().map(|s| s.max).fold(0.0, f64::max);
     Some(format!(
         "Steal (CPU time the hypervisor took from this VM while a run lasted): {:.1} % typical \
-         (median of the points' medians), {:.1} % at most; steal slows every target, the \
-         vhost-user ones (two busy CPUs) more than host fio (one).",
+         (median of the points' medians), {:.1} % at most. A stolen stretch slows \
+         every target that runs in it, so compare points whose runs saw alike steal.",
         typical.median * 100.0,
         most * 100.0
     ))
