@@ -70,6 +70,22 @@ fn header(mem: &Mem, at: u64, kind: u32, sector: u64) {
     mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
 }
 
+/// One request the device writes into, published at head 0: its header at 0x8000, `data_len`
+/// device-writable bytes at 0x9000, its status byte at 0xa000 (preset to 0xff).
+fn one_device_writable_request(m: &Mem, mq: &MockSplitQueue<Mem>, kind: u32, data_len: u32) {
+    header(m, 0x8000, kind, 0);
+    m.write_obj(0xffu8, GuestAddress(0xa000)).unwrap();
+    mq.add_desc_chains(
+        &[
+            desc(0x8000, 16, false, Some(1)),
+            desc(0x9000, data_len, true, Some(2)),
+            desc(0xa000, 1, true, None),
+        ],
+        0,
+    )
+    .unwrap();
+}
+
 fn used_entry(mem: &Mem, mq: &MockSplitQueue<Mem>, i: u64) -> (u32, u32) {
     let base = mq.used_addr().0 + 4 + 8 * i;
     (
@@ -84,18 +100,8 @@ fn get_id_through_the_request_path_returns_the_serial() {
     let m = mem.memory();
     let mq = MockSplitQueue::new(&*m, QSIZE);
     let h = harness(backend(1, 1), &mq, mem.clone());
-    header(&m, 0x8000, VIRTIO_BLK_T_GET_ID, 0);
     m.write_slice(&[0xee; 20], GuestAddress(0x9000)).unwrap();
-    m.write_obj(0xffu8, GuestAddress(0xa000)).unwrap();
-    mq.add_desc_chains(
-        &[
-            desc(0x8000, 16, false, Some(1)),
-            desc(0x9000, 20, true, Some(2)),
-            desc(0xa000, 1, true, None),
-        ],
-        0,
-    )
-    .unwrap();
+    one_device_writable_request(&m, &mq, VIRTIO_BLK_T_GET_ID, 20);
     h.backend
         .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
         .unwrap();
@@ -518,17 +524,7 @@ fn used_after_a_slow_read(in_flight: Duration) -> u16 {
     )
     .unwrap();
     let h = harness(backend, &mq, mem.clone());
-    header(&m, 0x8000, blk_proto::VIRTIO_BLK_T_IN, 0);
-    m.write_obj(0xffu8, GuestAddress(0xa000)).unwrap();
-    mq.add_desc_chains(
-        &[
-            desc(0x8000, 16, false, Some(1)),
-            desc(0x9000, 512, true, Some(2)),
-            desc(0xa000, 1, true, None),
-        ],
-        0,
-    )
-    .unwrap();
+    one_device_writable_request(&m, &mq, blk_proto::VIRTIO_BLK_T_IN, 512);
     h.backend
         .handle_event(0, EventSet::IN, std::slice::from_ref(&h.vring), 0)
         .unwrap();
