@@ -15,6 +15,7 @@ pub mod record;
 pub mod report;
 pub mod runner;
 pub mod stats;
+pub mod steal_guard;
 pub mod targets;
 
 use std::path::{Path, PathBuf};

@@ -11,6 +11,7 @@ use uringblk_bench::clients::Timing;
 use uringblk_bench::matrix::{self, RunSpec};
 use uringblk_bench::report::{self, Settings, Summary};
 use uringblk_bench::runner::{self, Environment, PlannedRun};
+use uringblk_bench::steal_guard::{StealGuard, StealPolicy};
 use uringblk_bench::targets::{cpu_list, Target};
 use uringblk_bench::{charts, image, machine, rbd, targets, BenchError};
 use uringblk_loadgen::spec::{parse_duration, parse_size, CpuList};
@@ -48,6 +49,18 @@ struct Cli {
     /// Warm-up per run, not measured (default: 0.5s quick, 1s full).
     #[arg(long, value_parser = duration_arg)]
     ramp: Option<Duration>,
+    /// The steal guard's limit, in percent of the machine's CPU time: a run waits to start while
+    /// the hypervisor takes more than this (sampled over 2 s), and a run that saw more is made
+    /// again. Stolen stretches slow whichever target runs in them; 0 turns the guard off.
+    #[arg(long, default_value_t = 5.0, value_name = "PCT")]
+    steal_limit: f64,
+    /// How many times one stolen-from run is made again before it is kept as it is.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    steal_reruns: u32,
+    /// Longest wait for stolen stretches to pass, over the whole run (default: 2m quick, 20m
+    /// full); after it runs go on and keep their steal on record.
+    #[arg(long, value_parser = duration_arg, value_name = "DURATION")]
+    steal_wait: Option<Duration>,
     /// Run the scaling sweep (default: only in full mode).
     #[arg(long, overrides_with = "no_scaling")]
     scaling: bool,
@@ -197,6 +210,22 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         .ramp
         .unwrap_or(Duration::from_millis(if cli.full { 1_000 } else { 500 }));
     let reps = cli.reps.unwrap_or(if cli.full { 6 } else { 3 });
+    if !(0.0..100.0).contains(&cli.steal_limit) {
+        return Err(BenchError::Usage(format!(
+            "--steal-limit {} is not a percentage below 100 (0 turns the guard off)",
+            cli.steal_limit
+        )));
+    }
+    let steal_policy = StealPolicy {
+        limit: (cli.steal_limit > 0.0).then_some(cli.steal_limit / 100.0),
+        reruns_per_run: cli.steal_reruns,
+        wait_budget: cli.steal_wait.unwrap_or(Duration::from_secs(if cli.full {
+            20 * 60
+        } else {
+            2 * 60
+        })),
+        sample: Duration::from_secs(2),
+    };
     let scaling = (cli.full || cli.scaling) && !cli.no_scaling;
     let guest = cli.guest;
     let targets: Vec<Target> = cli
@@ -398,7 +427,8 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
 
     let repo = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let mut machine_info = machine::collect(&image, &cli.fio, &cli.qsd, &repo);
-    let records = runner::run_plan(&env, &plan, &raw_path)?;
+    let mut guard = StealGuard::new(steal_policy);
+    let records = runner::run_plan(&env, &plan, &raw_path, &mut guard)?;
     machine_info.loadavg_end = machine::loadavg();
 
     let summary = Summary {
@@ -425,6 +455,7 @@ fn run(cli: Cli) -> Result<bool, BenchError> {
         },
         machine: machine_info,
         points: report::summarize(&records),
+        steal_guard: Some(guard.report()),
     };
     let latest = cli.results_dir.join("latest.json");
     let text =

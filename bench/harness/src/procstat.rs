@@ -92,6 +92,14 @@ pub fn machine_ticks() -> Result<MachineTicks, BenchError> {
     parse_machine_ticks(&text)
 }
 
+/// The machine's steal over the next `window` (sleeps that long); `None` if `/proc/stat`
+/// cannot be read.
+pub fn steal_over(window: Duration) -> Option<f64> {
+    let before = machine_ticks().ok()?;
+    std::thread::sleep(window);
+    before.steal_fraction_until(&machine_ticks().ok()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

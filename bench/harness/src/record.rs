@@ -11,7 +11,7 @@ use crate::targets::Target;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
     pub run_id: String,
-    /// 1-based position in the plan.
+    /// 1-based number of the run, in the order runs were made (runs made again included).
     pub seq: usize,
     pub phase: Phase,
     pub target: Target,
@@ -29,6 +29,10 @@ pub struct RunRecord {
     /// server start to stop: a VM's neighbours show here, and they slow every target.
     #[serde(default)]
     pub host_steal: Option<f64>,
+    /// Why this run was left out of the results and made again (steal_guard.rs); `None` for a
+    /// run that counts.
+    #[serde(default)]
+    pub discarded: Option<String>,
     /// Why the run failed; `None` for a good run.
     pub error: Option<String>,
     /// Things that went wrong without spoiling the measurement (e.g. an unclean server exit).
@@ -92,6 +96,7 @@ pub(crate) fn sample_record(target: Target, iops: f64, cpu: Option<(f64, f64)>) 
         }),
         server_cpu: cpu.map(|(cpu_s, wall_s)| ServerCpu { cpu_s, wall_s }),
         host_steal: None,
+        discarded: None,
         error: None,
         warnings: vec![],
         server_argv: None,

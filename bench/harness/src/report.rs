@@ -11,6 +11,7 @@ use crate::machine::MachineInfo;
 use crate::matrix::Phase;
 use crate::record::RunRecord;
 use crate::stats::{ratio, Spread};
+use crate::steal_guard::StealGuardReport;
 use crate::targets::{Backend, Target};
 
 /// Medians (with min and max) over the repetitions of one point.
@@ -39,6 +40,9 @@ pub struct PointSummary {
     /// The hypervisor's steal over the runs, as a fraction of the machine's CPU time.
     #[serde(default)]
     pub host_steal: Option<Spread>,
+    /// Runs of this point left out and made again because steal passed the guard's limit.
+    #[serde(default)]
+    pub reruns_for_steal: usize,
 }
 
 /// How the runs were made.
@@ -77,11 +81,15 @@ pub struct Summary {
     pub settings: Settings,
     pub machine: MachineInfo,
     pub points: Vec<PointSummary>,
+    /// What the steal guard did (older results: none).
+    #[serde(default)]
+    pub steal_guard: Option<StealGuardReport>,
 }
 
 type PointKey = (Phase, Target, String, u32, u32);
 
 /// Groups records by point (phase, target, job, queues, iothreads), in order of first appearance.
+/// Runs the steal guard discarded count only as reruns.
 pub fn summarize(records: &[RunRecord]) -> Vec<PointSummary> {
     let mut order: Vec<PointKey> = Vec::new();
     let mut groups: BTreeMap<PointKey, Vec<&RunRecord>> = BTreeMap::new();
@@ -96,7 +104,10 @@ pub fn summarize(records: &[RunRecord]) -> Vec<PointSummary> {
         .into_iter()
         .filter_map(|key| {
             let runs = groups.remove(&key)?;
-            let first = runs.first()?;
+            let reruns_for_steal = runs.iter().filter(|r| r.discarded.is_some()).count();
+            let runs: Vec<&RunRecord> =
+                runs.into_iter().filter(|r| r.discarded.is_none()).collect();
+            let first = *runs.first()?;
             let good: Vec<&RunRecord> = runs.iter().copied().filter(|r| r.ok()).collect();
             let spread = |f: &dyn Fn(&RunRecord) -> Option<f64>| {
                 Spread::of(good.iter().filter_map(|r| f(r)))
@@ -121,6 +132,7 @@ pub fn summarize(records: &[RunRecord]) -> Vec<PointSummary> {
                 iops_per_server_cpu_s: spread(&|r| r.iops_per_server_cpu_s()),
                 accelerator: accelerators(&runs),
                 host_steal: spread(&|r| r.host_steal),
+                reruns_for_steal,
             })
         })
         .collect()
@@ -301,19 +313,40 @@ fn steal_pair(
     ))
 }
 
-/// The steal over a run's points, in words: the median of the points' medians and the most any
-/// run saw; `None` for results recorded without it.
+/// The steal over a run's points, in words: the median of the points' medians, the most any
+/// kept run saw, and what the steal guard did; `None` for results recorded without steal.
 fn steal_words(summary: &Summary) -> Option<String> {
     let steal: Vec<Spread> = summary.points.iter().filter_map(|p| p.host_steal).collect();
     let typical = Spread::of(steal.iter().map(|s| s.median))?;
     let most = steal.iter().map(|s| s.max).fold(0.0, f64::max);
-    Some(format!(
+    let mut words = format!(
         "Steal (CPU time the hypervisor took from this VM while a run lasted): {:.1} % typical \
          (median of the points' medians), {:.1} % at most. A stolen stretch slows \
          every target that runs in it, so compare points whose runs saw alike steal.",
         typical.median * 100.0,
         most * 100.0
-    ))
+    );
+    match summary.steal_guard.as_ref() {
+        Some(StealGuardReport {
+            limit: Some(limit),
+            reruns,
+            waited_s,
+            kept_above_limit,
+        }) => {
+            let _ = write!(
+                words,
+                " The steal guard (limit {:.1} %) waited {:.0} s for stolen stretches to pass \
+                 before runs, made {reruns} stolen-from run(s) again (the discarded ones stay \
+                 in the raw file) and kept {kept_above_limit} above the limit once its \
+                 budgets ran out.",
+                limit * 100.0,
+                waited_s
+            );
+        }
+        Some(_) => words.push_str(" The steal guard was off (--steal-limit 0)."),
+        None => {}
+    }
+    Some(words)
 }
 
 /// Whether two points' min–max ranges overlap.
@@ -950,6 +983,7 @@ mod tests {
             settings: settings(targets),
             machine: machine(),
             points: summarize(&records),
+            steal_guard: None,
         }
     }
 
@@ -1005,6 +1039,35 @@ mod tests {
             vec![Target::UringblkFile],
         );
         assert!(!render_markdown(&old, None).contains("Steal"));
+    }
+
+    #[test]
+    fn runs_the_steal_guard_discarded_count_only_as_reruns() {
+        let mut recs = records(Target::QsdFile, &[100.0, 300.0, 200.0]);
+        let mut stolen = sample_record(Target::QsdFile, 5.0, None);
+        stolen.host_steal = Some(0.3);
+        stolen.discarded = Some("steal 30.0 % > 5.0 %: run again".into());
+        recs.insert(1, stolen);
+        let mut summary = summary_of(recs, vec![Target::QsdFile]);
+        let qsd = &summary.points[0];
+        assert_eq!((qsd.runs_ok, qsd.reruns_for_steal), (3, 1));
+        assert_eq!(qsd.iops.unwrap().min, 100.0);
+        assert_eq!(
+            qsd.host_steal, None,
+            "the discarded run's steal is not the point's"
+        );
+        summary.points[0].host_steal = Spread::of([0.01]);
+        summary.steal_guard = Some(StealGuardReport {
+            limit: Some(0.05),
+            reruns: 1,
+            waited_s: 42.0,
+            kept_above_limit: 0,
+        });
+        let md = render_markdown(&summary, None);
+        assert!(
+            md.contains("limit 5.0 %) waited 42 s") && md.contains("made 1 stolen-from run(s)"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::clients::{self, ClientKind, ClientOutcome, Timing};
 use crate::matrix::{Phase, RunSpec};
 use crate::procstat;
 use crate::record::RunRecord;
+use crate::steal_guard::{StealGuard, Verdict};
 use crate::targets::{server_command, Backend, Server, ServerProcess, ServerSetup};
 use crate::BenchError;
 
@@ -87,6 +88,7 @@ pub fn run_one(env: &Environment, planned: &PlannedRun, seq: usize) -> RunRecord
         measurement: None,
         server_cpu: None,
         host_steal: None,
+        discarded: None,
         error: None,
         warnings: Vec::new(),
         server_argv: None,
@@ -251,11 +253,14 @@ fn format_eta(seconds: f64) -> String {
 }
 
 /// Runs every planned run in order, appending each record to `raw` as soon as it exists and
-/// printing a progress line on stderr.
+/// printing a progress line on stderr. The steal guard holds a run back while the hypervisor is
+/// taking this machine's CPU time and makes a stolen-from run again; the runs it discards stay
+/// in `raw`, marked, and are not returned.
 pub fn run_plan(
     env: &Environment,
     plan: &[PlannedRun],
     raw_path: &Path,
+    guard: &mut StealGuard,
 ) -> Result<Vec<RunRecord>, BenchError> {
     let mut raw = File::options()
         .create(true)
@@ -265,24 +270,52 @@ pub fn run_plan(
     let started = Instant::now();
     let total = plan.len();
     let mut records = Vec::with_capacity(total);
+    let mut runs_made = 0;
     for (index, planned) in plan.iter().enumerate() {
-        let seq = index + 1;
-        let record = run_one(env, planned, seq);
-        let line = serde_json::to_string(&record).map_err(|e| BenchError::Parse(e.to_string()))?;
-        writeln!(raw, "{line}").map_err(|e| BenchError::io(raw_path, e))?;
-        let elapsed = started.elapsed().as_secs_f64();
-        let eta = elapsed / seq as f64 * (total - seq) as f64;
-        let result = match (&record.measurement, &record.error) {
-            (Some(m), None) => format!("{:.0} IOPS", m.iops),
-            (_, Some(e)) => format!("FAILED: {e}"),
-            (None, None) => "no measurement".into(),
-        };
-        eprintln!(
-            "[{seq}/{total}] {}: {result} (eta {})",
-            describe(&planned.spec),
-            format_eta(eta)
-        );
-        records.push(record);
+        let position = index + 1;
+        let mut reruns = 0;
+        loop {
+            guard.wait_for_calm(&mut procstat::steal_over, &mut |steal, waited, left| {
+                eprintln!(
+                    "[{position}/{total}] steal {:.0} %: waiting for it to pass ({} so far, {} \
+                     of the wait budget left)",
+                    steal * 100.0,
+                    format_eta(waited.as_secs_f64()),
+                    format_eta(left.as_secs_f64())
+                );
+            });
+            runs_made += 1;
+            let mut record = run_one(env, planned, runs_made);
+            let verdict = guard.verdict(record.host_steal, reruns);
+            if let Verdict::RunAgain(why) = &verdict {
+                record.discarded = Some(why.clone());
+            }
+            let line =
+                serde_json::to_string(&record).map_err(|e| BenchError::Parse(e.to_string()))?;
+            writeln!(raw, "{line}").map_err(|e| BenchError::io(raw_path, e))?;
+            let elapsed = started.elapsed().as_secs_f64();
+            let eta = elapsed / position as f64 * (total - position) as f64;
+            let mut result = match (&record.measurement, &record.error) {
+                (Some(m), None) => format!("{:.0} IOPS", m.iops),
+                (_, Some(e)) => format!("FAILED: {e}"),
+                (None, None) => "no measurement".into(),
+            };
+            if let Some(why) = &record.discarded {
+                result = format!("{result}; {why}");
+            }
+            eprintln!(
+                "[{position}/{total}] {}: {result} (eta {})",
+                describe(&planned.spec),
+                format_eta(eta)
+            );
+            match verdict {
+                Verdict::Keep => {
+                    records.push(record);
+                    break;
+                }
+                Verdict::RunAgain(_) => reruns += 1,
+            }
+        }
     }
     Ok(records)
 }
