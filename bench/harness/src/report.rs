@@ -342,6 +342,18 @@ fn steal_words(summary: &Summary) -> Option<String> {
                 limit * 100.0,
                 waited_s
             );
+            // Made again per target: a target that drew more steal onto itself would show here.
+            let mut by_target: Vec<(Target, usize)> = Vec::new();
+            for p in summary.points.iter().filter(|p| p.reruns_for_steal > 0) {
+                match by_target.iter_mut().find(|(t, _)| *t == p.target) {
+                    Some((_, n)) => *n += p.reruns_for_steal,
+                    None => by_target.push((p.target, p.reruns_for_steal)),
+                }
+            }
+            if !by_target.is_empty() {
+                let list: Vec<String> = by_target.iter().map(|(t, n)| format!("{t} {n}")).collect();
+                let _ = write!(words, " Made again, by target: {}.", list.join(", "));
+            }
         }
         Some(_) => words.push_str(" The steal guard was off (--steal-limit 0)."),
         None => {}
@@ -1065,7 +1077,9 @@ mod tests {
         });
         let md = render_markdown(&summary, None);
         assert!(
-            md.contains("limit 5.0 %) waited 42 s") && md.contains("made 1 stolen-from run(s)"),
+            md.contains("limit 5.0 %) waited 42 s")
+                && md.contains("made 1 stolen-from run(s)")
+                && md.contains("by target: qsd-file 1."),
             "{md}"
         );
     }
