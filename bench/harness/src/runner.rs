@@ -254,8 +254,9 @@ fn format_eta(seconds: f64) -> String {
 
 /// Runs every planned run in order, appending each record to `raw` as soon as it exists and
 /// printing a progress line on stderr. The steal guard holds a run back while the hypervisor is
-/// taking this machine's CPU time and makes a stolen-from run again; the runs it discards stay
-/// in `raw`, marked, and are not returned.
+/// taking this machine's CPU time and makes a stolen-from run again; the runs it discards are
+/// returned and kept in `raw` like the others, marked `discarded` (the report counts them as
+/// reruns and leaves them out of the medians).
 pub fn run_plan(
     env: &Environment,
     plan: &[PlannedRun],
@@ -308,11 +309,9 @@ pub fn run_plan(
                 describe(&planned.spec),
                 format_eta(eta)
             );
+            records.push(record);
             match verdict {
-                Verdict::Keep => {
-                    records.push(record);
-                    break;
-                }
+                Verdict::Keep => break,
                 Verdict::RunAgain(_) => reruns += 1,
             }
         }
