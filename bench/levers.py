@@ -13,9 +13,15 @@ repetition, and each run records:
   - uringblk only: io_uring_enter calls and SQEs (its final stats), hence SQEs per enter;
   - steal: the share of the machine's CPU time the hypervisor took while the run lasted.
 
+The steal guard (as in the harness): a run that saw more steal than --steal-limit is made
+again, up to --steal-reruns times, after waiting (at most --steal-wait seconds in all) for a
+2 s window under the limit. The discarded runs stay in the .jsonl with "discarded" set and are
+left out of the medians; the table's header counts them.
+
 Usage:
   bench/levers.py [--image PATH | --null | --rbd POOL/IMAGE --ceph-conf PATH] [--jobs LIST] [--reps N] [--runtime S] [--ramp S]
-                  [--queues N] [--out NAME] VARIANT...
+                  [--queues N] [--out NAME] [--steal-limit PCT] [--steal-reruns N] [--steal-wait S]
+                  VARIANT...
 VARIANT is NAME=ARGS for a uringblk variant (ARGS are extra server flags, may be empty),
 NAME@DIR=ARGS for one whose uringblk binary is DIR/uringblk (an older build, side by side),
 or `qsd` / `host`. With --rbd, `qsd-NAME=KEY=VALUE ...` is qemu-storage-daemon with those
@@ -105,6 +111,42 @@ def machine_ticks():
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:9]]
     return sum(fields), fields[7]
+
+
+def steal_over(seconds):
+    """Steal share (%) of the machine's CPU time over the next `seconds`."""
+    t0 = machine_ticks()
+    time.sleep(seconds)
+    t1 = machine_ticks()
+    return 100 * (t1[1] - t0[1]) / max(t1[0] - t0[0], 1)
+
+
+class StealGuard:
+    """Makes a stolen-from run again, after the stolen stretch has passed (bounded waits)."""
+
+    WINDOW_S = 2.0
+
+    def __init__(self, limit, reruns, wait_s):
+        self.limit, self.reruns, self.wait_left = limit, reruns, wait_s
+        self.made_again, self.kept_stolen, self.waited = 0, 0, 0.0
+
+    def stolen(self, run):
+        return self.limit > 0 and run["steal_pct"] > self.limit
+
+    def wait_out(self):
+        while self.wait_left > 0:
+            s = steal_over(min(self.WINDOW_S, self.wait_left))
+            self.wait_left -= self.WINDOW_S
+            self.waited += self.WINDOW_S
+            if s <= self.limit:
+                return
+            log(f"steal {s:.1f} % over {self.WINDOW_S:.0f} s: waiting")
+
+    def summary(self):
+        if self.limit <= 0:
+            return "Steal guard off."
+        return (f"Steal guard (limit {self.limit:g} %): {self.made_again} run(s) made again, "
+                f"{self.kept_stolen} kept above the limit, {self.waited:.0f} s waited.")
 
 
 def proc_threads(pid):
@@ -375,6 +417,12 @@ def main():
     ap.add_argument("--rbd", metavar="POOL/IMAGE", help="an RBD image instead of the file")
     ap.add_argument("--ceph-conf", help="the cluster's ceph.conf, for --rbd")
     ap.add_argument("--out", default="levers")
+    ap.add_argument("--steal-limit", type=float, default=5.0, metavar="PCT",
+                    help="make a run again when it saw more steal than this (0: off)")
+    ap.add_argument("--steal-reruns", type=int, default=2, metavar="N",
+                    help="at most this many times per run")
+    ap.add_argument("--steal-wait", type=float, default=120.0, metavar="S",
+                    help="seconds to wait in all for stolen stretches to pass")
     ap.add_argument("variants", nargs="+")
     opts = ap.parse_args()
     jobs = opts.jobs.split(",")
@@ -406,6 +454,7 @@ def main():
     outdir = ROOT / "bench" / "results" / "levers"
     outdir.mkdir(parents=True, exist_ok=True)
     rows = []
+    guard = StealGuard(opts.steal_limit, opts.steal_reruns, opts.steal_wait)
     with tempfile.TemporaryDirectory() as tmp, open(outdir / f"{opts.out}.jsonl", "w") as raw:
         opts.tmp = tmp
         total = opts.reps * len(jobs) * len(variants)
@@ -415,13 +464,24 @@ def main():
                 order = variants[rep % len(variants):] + variants[:rep % len(variants)]
                 for name, args in order:
                     n += 1
-                    r = one_run(name, args, job, opts, disk, bindirs.get(name))
-                    r["rep"], r["runtime"], r["ramp"] = rep, opts.runtime, opts.ramp
-                    r["completion"] = opts.completion
-                    rows.append(r)
-                    raw.write(json.dumps(r) + "\n")
-                    raw.flush()
-                    log(f"[{n}/{total}] {job} {name}: {r['iops'] / 1000:.1f}k IOPS")
+                    for attempt in range(opts.steal_reruns + 1):
+                        r = one_run(name, args, job, opts, disk, bindirs.get(name))
+                        r["rep"], r["runtime"], r["ramp"] = rep, opts.runtime, opts.ramp
+                        r["completion"] = opts.completion
+                        again = guard.stolen(r) and attempt < opts.steal_reruns
+                        if again:
+                            r["discarded"] = f"steal {r['steal_pct']:.1f} %"
+                        elif guard.stolen(r):
+                            guard.kept_stolen += 1
+                        raw.write(json.dumps(r) + "\n")
+                        raw.flush()
+                        log(f"[{n}/{total}] {job} {name}: {r['iops'] / 1000:.1f}k IOPS, "
+                            f"steal {r['steal_pct']:.1f} %" + (": made again" if again else ""))
+                        if not again:
+                            rows.append(r)
+                            break
+                        guard.made_again += 1
+                        guard.wait_out()
     md = table(rows, variants, jobs)
     backend = ("null backend (1 GiB)" if opts.null else f"RBD image {opts.rbd}" if opts.rbd
                else f"image {opts.image} on {disk}")
@@ -430,7 +490,8 @@ def main():
             f"on CPU 0; medians [min–max]. Variants: "
             + "; ".join(f"`{n}` = `{a or '(defaults)'}`"
                         + (f" (binary {bindirs[n]})" if n in bindirs else "")
-                        for n, a in variants if n != "host" and (n != "qsd" or a)))
+                        for n, a in variants if n != "host" and (n != "qsd" or a))
+            + ". " + guard.summary())
     (outdir / f"{opts.out}.md").write_text(head + "\n\n" + md + "\n")
     print(head + "\n\n" + md)
 
