@@ -9,6 +9,7 @@ pub mod image;
 pub mod machine;
 pub mod matrix;
 pub mod measurement;
+pub mod placement;
 pub mod procstat;
 pub mod rbd;
 pub mod record;

@@ -29,6 +29,11 @@ pub struct RunRecord {
     /// server start to stop: a VM's neighbours show here, and they slow every target.
     #[serde(default)]
     pub host_steal: Option<f64>,
+    /// Round trip of a cache line between the client's and the server's first CPUs, in ns,
+    /// the larger of the figures taken just before and just after the run (placement.rs): how
+    /// far apart the hypervisor had put the two vCPUs. `None` where it could not be measured.
+    #[serde(default)]
+    pub cpu_round_trip_ns: Option<f64>,
     /// Why this run was left out of the results and made again (steal_guard.rs); `None` for a
     /// run that counts.
     #[serde(default)]
@@ -96,6 +101,7 @@ pub(crate) fn sample_record(target: Target, iops: f64, cpu: Option<(f64, f64)>) 
         }),
         server_cpu: cpu.map(|(cpu_s, wall_s)| ServerCpu { cpu_s, wall_s }),
         host_steal: None,
+        cpu_round_trip_ns: None,
         discarded: None,
         error: None,
         warnings: vec![],

@@ -43,6 +43,10 @@ pub struct PointSummary {
     /// Runs of this point left out and made again because steal passed the guard's limit.
     #[serde(default)]
     pub reruns_for_steal: usize,
+    /// Cache-line round trip between the client's and the server's CPUs over the runs, in ns
+    /// (placement.rs): how far apart the two vCPUs were.
+    #[serde(default)]
+    pub cpu_round_trip_ns: Option<Spread>,
 }
 
 /// How the runs were made.
@@ -133,6 +137,7 @@ pub fn summarize(records: &[RunRecord]) -> Vec<PointSummary> {
                 accelerator: accelerators(&runs),
                 host_steal: spread(&|r| r.host_steal),
                 reruns_for_steal,
+                cpu_round_trip_ns: spread(&|r| r.cpu_round_trip_ns),
             })
         })
         .collect()
@@ -285,6 +290,8 @@ pub struct Shortfall {
     pub within_spread: bool,
     /// Median steal over the runs of uringblk and of qemu-storage-daemon at this point.
     pub steal: Option<(f64, f64)>,
+    /// The client-server cache-line round trip over the runs of uringblk and of qsd.
+    pub round_trip_ns: Option<(Spread, Spread)>,
 }
 
 fn spread_of(
@@ -310,6 +317,38 @@ fn steal_pair(
     Some((
         summary.median(ours, job, queues, |p| p.host_steal)?,
         summary.median(peer, job, queues, |p| p.host_steal)?,
+    ))
+}
+
+/// The cache-line round trip over two targets' runs at one point, if both have it.
+fn round_trip_pair(
+    summary: &Summary,
+    ours: Target,
+    peer: Target,
+    job: &str,
+    queues: u32,
+) -> Option<(Spread, Spread)> {
+    let of = |t| spread_of(summary, t, job, queues, |p| p.cpu_round_trip_ns);
+    Some((of(ours)?, of(peer)?))
+}
+
+/// The client-server placement over a run's points, in words: the typical cache-line round
+/// trip and the largest; `None` for results recorded without it.
+fn placement_words(summary: &Summary) -> Option<String> {
+    let trips: Vec<Spread> = summary
+        .points
+        .iter()
+        .filter_map(|p| p.cpu_round_trip_ns)
+        .collect();
+    let typical = Spread::of(trips.iter().map(|s| s.median))?;
+    let most = trips.iter().map(|s| s.max).fold(0.0, f64::max);
+    Some(format!(
+        "Placement (round trip of a cache line between the client's and the server's CPU, \
+         the larger of the figures just before and just after each run): {:.0} ns typical \
+         (median of the points' medians), {:.0} ns at most. A run with a long round trip had \
+         its two vCPUs placed farther apart, which slows a polling client and server that \
+         trade virtqueue cache lines on every request: mostly the null backends.",
+        typical.median, most
     ))
 }
 
@@ -396,6 +435,7 @@ fn comparisons(summary: &Summary) -> (usize, Vec<Shortfall>) {
                         spread_of(summary, peer, &job, q, |p| p.iops),
                     ),
                     steal: steal_pair(summary, ours, peer, &job, q),
+                    round_trip_ns: round_trip_pair(summary, ours, peer, &job, q),
                 });
             }
             if job.ends_with("-qd1") {
@@ -416,6 +456,7 @@ fn comparisons(summary: &Summary) -> (usize, Vec<Shortfall>) {
                             spread_of(summary, peer, &job, q, |p| p.lat_p99_us),
                         ),
                         steal: steal_pair(summary, ours, peer, &job, q),
+                        round_trip_ns: round_trip_pair(summary, ours, peer, &job, q),
                     });
                 }
             }
@@ -474,7 +515,10 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
         m.loadavg_end,
         summary.raw_file,
     );
-    if let Some(words) = steal_words(summary) {
+    for words in [steal_words(summary), placement_words(summary)]
+        .into_iter()
+        .flatten()
+    {
         let _ = writeln!(out, "{words}\n");
     }
     if !s.uringblk_args.is_empty() {
@@ -708,7 +752,7 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
         for l in &losses {
             let _ = writeln!(
                 out,
-                "- {} q{} ({}): {} ratio {:.2}{}{}",
+                "- {} q{} ({}): {} ratio {:.2}{}{}{}",
                 l.job,
                 l.queues,
                 l.backend.name(),
@@ -724,6 +768,13 @@ pub fn render_markdown(summary: &Summary, image_prefix: Option<&str>) -> String 
                         "; steal in its runs {:.1} % (uringblk), {:.1} % (qsd)",
                         ours * 100.0,
                         peer * 100.0
+                    ))
+                    .unwrap_or_default(),
+                l.round_trip_ns
+                    .map(|(ours, peer)| format!(
+                        "; cache-line round trip in its runs {:.0}–{:.0} ns (uringblk), \
+                         {:.0}–{:.0} ns (qsd)",
+                        ours.min, ours.max, peer.min, peer.max
                     ))
                     .unwrap_or_default()
             );
@@ -1051,6 +1102,49 @@ mod tests {
             vec![Target::UringblkFile],
         );
         assert!(!render_markdown(&old, None).contains("Steal"));
+    }
+
+    #[test]
+    fn placement_is_summarised_in_the_header_and_beside_each_shortfall() {
+        let placed = |target, iops: &[f64], trips: &[f64]| {
+            let mut recs = records(target, iops);
+            for (r, t) in recs.iter_mut().zip(trips) {
+                r.cpu_round_trip_ns = Some(*t);
+            }
+            recs
+        };
+        let mut recs = placed(
+            Target::UringblkFile,
+            &[90.0, 95.0, 92.0],
+            &[93.0, 420.0, 95.0],
+        );
+        recs.extend(placed(
+            Target::QsdFile,
+            &[100.0, 100.0, 100.0],
+            &[90.0, 91.0, 96.0],
+        ));
+        let summary = summary_of(recs, vec![Target::UringblkFile, Target::QsdFile]);
+        let md = render_markdown(&summary, None);
+        assert!(
+            md.contains("93 ns typical") && md.contains("420 ns at most"),
+            "{md}"
+        );
+        let line = md
+            .lines()
+            .find(|l| l.starts_with("- randread-4k-qd1 q1 (file): IOPS"))
+            .unwrap_or_else(|| panic!("no shortfall line in:\n{md}"));
+        assert!(
+            line.ends_with(
+                "cache-line round trip in its runs 93–420 ns (uringblk), 90–96 ns (qsd)"
+            ),
+            "{line}"
+        );
+        // Results recorded before placement was: no placement words at all.
+        let old = summary_of(
+            records(Target::UringblkFile, &[90.0]),
+            vec![Target::UringblkFile],
+        );
+        assert!(!render_markdown(&old, None).contains("Placement"));
     }
 
     #[test]

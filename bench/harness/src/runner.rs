@@ -4,18 +4,18 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 use uringblk_loadgen::CompletionMode;
 
 use crate::clients::{self, ClientKind, ClientOutcome, Timing};
 use crate::matrix::{Phase, RunSpec};
-use crate::procstat;
 use crate::record::RunRecord;
 use crate::steal_guard::{StealGuard, Verdict};
 use crate::targets::{server_command, Backend, Server, ServerProcess, ServerSetup};
 use crate::BenchError;
+use crate::{placement, procstat};
 
 /// Programs, files and pinning shared by every run.
 #[derive(Debug, Clone)]
@@ -88,6 +88,7 @@ pub fn run_one(env: &Environment, planned: &PlannedRun, seq: usize) -> RunRecord
         measurement: None,
         server_cpu: None,
         host_steal: None,
+        cpu_round_trip_ns: None,
         discarded: None,
         error: None,
         warnings: Vec::new(),
@@ -97,11 +98,17 @@ pub fn run_one(env: &Environment, planned: &PlannedRun, seq: usize) -> RunRecord
         client_report: Value::Null,
         accelerator: None,
     };
+    let round_trip = || client_server_round_trip_ns(&env.client_cpus, &spec.server_cpus);
+    let round_trip_before = round_trip();
     let ticks_before = procstat::machine_ticks();
     let result = run_client_and_server(env, planned, seq, &mut record);
     if let (Ok(before), Ok(after)) = (ticks_before, procstat::machine_ticks()) {
         record.host_steal = before.steal_fraction_until(&after);
     }
+    record.cpu_round_trip_ns = match (round_trip_before, round_trip()) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
     match result {
         Ok(outcome) => {
             record.measurement = Some(outcome.measurement);
@@ -112,6 +119,12 @@ pub fn run_one(env: &Environment, planned: &PlannedRun, seq: usize) -> RunRecord
         Err(e) => record.error = Some(e.to_string()),
     }
     record
+}
+
+/// The placement probe (placement.rs) between the first client and the first server CPU.
+fn client_server_round_trip_ns(client_cpus: &[usize], server_cpus: &[usize]) -> Option<f64> {
+    const PROBE: Duration = Duration::from_millis(20);
+    placement::cache_line_round_trip_ns(*client_cpus.first()?, *server_cpus.first()?, PROBE)
 }
 
 fn run_client_and_server(
