@@ -1071,6 +1071,22 @@ mod tests {
         assert_eq!(points[1].iops.unwrap().samples, 1);
     }
 
+    /// The shortfall line of the file backend's randread-4k-qd1 q1 IOPS in `md`.
+    fn file_iops_shortfall_line(md: &str) -> &str {
+        md.lines()
+            .find(|l| l.starts_with("- randread-4k-qd1 q1 (file): IOPS"))
+            .unwrap_or_else(|| panic!("no shortfall line in:\n{md}"))
+    }
+
+    /// The report of records that carry neither steal nor placement (older results).
+    fn markdown_of_plain_records() -> String {
+        let summary = summary_of(
+            records(Target::UringblkFile, &[90.0]),
+            vec![Target::UringblkFile],
+        );
+        render_markdown(&summary, None)
+    }
+
     #[test]
     fn steal_is_summarised_in_the_header_and_beside_each_shortfall() {
         let with_steal = |target, iops: &[f64], steal: f64| {
@@ -1088,20 +1104,13 @@ mod tests {
             md.contains("15.0 % typical") && md.contains("25.0 % at most"),
             "{md}"
         );
-        let line = md
-            .lines()
-            .find(|l| l.starts_with("- randread-4k-qd1 q1 (file): IOPS"))
-            .unwrap_or_else(|| panic!("no shortfall line in:\n{md}"));
+        let line = file_iops_shortfall_line(&md);
         assert!(
             line.ends_with("steal in its runs 25.0 % (uringblk), 5.0 % (qsd)"),
             "{line}"
         );
         // Results recorded before steal was: no steal words at all.
-        let old = summary_of(
-            records(Target::UringblkFile, &[90.0]),
-            vec![Target::UringblkFile],
-        );
-        assert!(!render_markdown(&old, None).contains("Steal"));
+        assert!(!markdown_of_plain_records().contains("Steal"));
     }
 
     #[test]
@@ -1129,10 +1138,7 @@ mod tests {
             md.contains("93 ns typical") && md.contains("420 ns at most"),
             "{md}"
         );
-        let line = md
-            .lines()
-            .find(|l| l.starts_with("- randread-4k-qd1 q1 (file): IOPS"))
-            .unwrap_or_else(|| panic!("no shortfall line in:\n{md}"));
+        let line = file_iops_shortfall_line(&md);
         assert!(
             line.ends_with(
                 "cache-line round trip in its runs 93–420 ns (uringblk), 90–96 ns (qsd)"
@@ -1140,11 +1146,7 @@ mod tests {
             "{line}"
         );
         // Results recorded before placement was: no placement words at all.
-        let old = summary_of(
-            records(Target::UringblkFile, &[90.0]),
-            vec![Target::UringblkFile],
-        );
-        assert!(!render_markdown(&old, None).contains("Placement"));
+        assert!(!markdown_of_plain_records().contains("Placement"));
     }
 
     #[test]
