@@ -113,12 +113,16 @@ def machine_ticks():
     return sum(fields), fields[7]
 
 
+def steal_pct(ticks0, ticks1):
+    """Steal share (%) of the machine's CPU time between two machine_ticks() readings."""
+    return 100 * (ticks1[1] - ticks0[1]) / max(ticks1[0] - ticks0[0], 1)
+
+
 def steal_over(seconds):
     """Steal share (%) of the machine's CPU time over the next `seconds`."""
     t0 = machine_ticks()
     time.sleep(seconds)
-    t1 = machine_ticks()
-    return 100 * (t1[1] - t0[1]) / max(t1[0] - t0[0], 1)
+    return steal_pct(t0, machine_ticks())
 
 
 class StealGuard:
@@ -312,7 +316,7 @@ def one_run(variant, args, job, opts, disk, bindir=None):
     res.update({
         "variant": variant, "args": args, "job": job, "queues": opts.queues,
         # Share of the machine's CPU time the hypervisor gave to others (slows every target).
-        "steal_pct": 100 * (ticks1[1] - ticks0[1]) / max(ticks1[0] - ticks0[0], 1),
+        "steal_pct": steal_pct(ticks0, ticks1),
         "disk_queue_depth": (d1["weighted_ms"] - d0["weighted_ms"]) / (wall * 1000),
         # Time each I/O spent in the disk's queue and device, on average.
         "disk_us_per_io": 1000 * (d1["io_ms"] - d0["io_ms"]) / max(ios, 1),
@@ -464,11 +468,11 @@ def main():
                 order = variants[rep % len(variants):] + variants[:rep % len(variants)]
                 for name, args in order:
                     n += 1
-                    for attempt in range(opts.steal_reruns + 1):
+                    for attempt in range(guard.reruns + 1):
                         r = one_run(name, args, job, opts, disk, bindirs.get(name))
                         r["rep"], r["runtime"], r["ramp"] = rep, opts.runtime, opts.ramp
                         r["completion"] = opts.completion
-                        again = guard.stolen(r) and attempt < opts.steal_reruns
+                        again = guard.stolen(r) and attempt < guard.reruns
                         if again:
                             r["discarded"] = f"steal {r['steal_pct']:.1f} %"
                         elif guard.stolen(r):

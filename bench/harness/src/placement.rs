@@ -44,16 +44,15 @@ pub fn cache_line_round_trip_ns(cpu_a: usize, cpu_b: usize, length: Duration) ->
     // as it was.
     let ping_line = Arc::clone(&line);
     let samples = std::thread::spawn(move || {
-        let samples = if pin(cpu_a) {
+        if pin(cpu_a) {
             ping(&ping_line, length)
         } else {
             Vec::new()
-        };
-        ping_line.store(u64::MAX, Ordering::Release);
-        samples
+        }
     })
     .join()
     .unwrap_or_default();
+    // Stops the pong however the ping side ended.
     line.store(u64::MAX, Ordering::Release);
     let _ = pong.join();
     Spread::of(samples).map(|s| s.median)
